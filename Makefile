@@ -1,0 +1,30 @@
+# The two set-up commands of a fresh machine (see README): `make demo` and `make test`.
+# Each installs what it needs into the current Python environment first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-test demo test lint report bench
+
+install:
+	$(PIP) install -q torch==2.14.1 numpy==2.4.6
+	$(PIP) install -q --no-build-isolation -e .
+
+install-test:
+	$(PIP) install -q -r requirements-test.txt
+	$(PIP) install -q --no-build-isolation -e .
+
+demo: install
+	$(PYTHON) -m prefix_kernels demo
+
+lint:
+	$(PYTHON) -m ruff check .
+
+test: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -q
+
+report: install
+	env -u TRITON_INTERPRET $(PYTHON) -m prefix_kernels report
+
+bench: install
+	$(PYTHON) -m prefix_kernels bench
