@@ -1,0 +1,160 @@
+"""Validation of prefix-attention inputs.
+
+Every public entry point funnels through :func:`check_inputs`, so that a bad call fails the same way
+whichever backend would have served it: a ``TypeError`` for a wrong type or dtype, a ``ValueError``
+for a wrong shape, device or value, each naming the argument at fault.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The sizes and flags of one validated prefix-attention call (tensors are not kept)."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    prefix_len: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    causal: bool
+    has_padding_mask: bool
+    softmax_scale: float
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (1 for MHA, heads_q for MQA)."""
+        return self.heads_q // self.heads_kv
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _require_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_inputs(
+    q,
+    k,
+    v,
+    prefix_k=None,
+    prefix_v=None,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    softmax_scale=None,
+) -> AttentionSpec:
+    """Check a prefix-attention call against the contract and return its :class:`AttentionSpec`.
+
+    Shapes: q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]``; prefix_k, prefix_v ``[Hkv, P, D]``;
+    key_padding_mask ``[B, Lk]`` bool (True = attend). Any strides are accepted.
+    """
+    q = _require_tensor("q", q)
+    k = _require_tensor("k", k)
+    v = _require_tensor("v", v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {_shape(t)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}; cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch size mismatch: q has {B} rows, k has {Bk} (q {_shape(q)}, k {_shape(k)})")
+    if Dk != D:
+        raise ValueError(f"head_dim mismatch: q has {D}, k has {Dk} (q {_shape(q)}, k {_shape(k)})")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    if min(B, Hq, Lq, D, Hkv, Lk) < 1:
+        raise ValueError(
+            f"empty input: q {_shape(q)}, k {_shape(k)}; batch, heads, lengths and head_dim must be >= 1"
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"q has {Hq} heads, not a multiple of the {Hkv} kv heads of k and v (GQA needs Hq % Hkv == 0)"
+        )
+
+    if (prefix_k is None) != (prefix_v is None):
+        given, missing = ("prefix_k", "prefix_v") if prefix_v is None else ("prefix_v", "prefix_k")
+        raise ValueError(f"{given} was given without {missing}; pass both or neither")
+    P = 0
+    if prefix_k is not None:
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            _require_tensor(name, t)
+            if t.dim() != 3:
+                raise ValueError(f"{name} must be 3-D [kv_heads, prefix_len, head_dim], got shape {_shape(t)}")
+            if t.dtype != q.dtype:
+                raise TypeError(
+                    f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}; cast the prefix to the model dtype"
+                )
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            if t.shape[0] != Hkv or t.shape[2] != D:
+                raise ValueError(
+                    f"{name} must be [kv_heads={Hkv}, P, head_dim={D}] to match k, got shape {_shape(t)}"
+                )
+        if prefix_v.shape != prefix_k.shape:
+            raise ValueError(f"prefix_v must have the shape of prefix_k {_shape(prefix_k)}, got {_shape(prefix_v)}")
+        P = prefix_k.shape[1]
+
+    if key_padding_mask is not None:
+        _require_tensor("key_padding_mask", key_padding_mask)
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be a bool tensor (True = attend), got {key_padding_mask.dtype}; "
+                "use mask.bool() on a 0/1 attention mask"
+            )
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch={B}, Lk={Lk}), got {_shape(key_padding_mask)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+    if softmax_scale is None:
+        scale = D**-0.5
+    else:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__}")
+        scale = float(softmax_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+
+    return AttentionSpec(
+        batch=B,
+        heads_q=Hq,
+        heads_kv=Hkv,
+        len_q=Lq,
+        len_k=Lk,
+        prefix_len=P,
+        head_dim=D,
+        dtype=q.dtype,
+        device=q.device,
+        causal=causal,
+        has_padding_mask=key_padding_mask is not None,
+        softmax_scale=scale,
+    )
