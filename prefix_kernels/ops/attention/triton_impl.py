@@ -1,0 +1,278 @@
+"""Launchers of the Triton prefix-attention kernels, and the tile configurations they ship with.
+
+Tile sizes come from one table (:func:`tile_config`) rather than autotuning: the configurations
+are few, every one of them is compiled ahead of time for sm80 and sm90 by ``kernel_report`` (shared
+memory, registers, spills, tensor cores), and a launch never pays a tuning sweep.
+
+The prefix gradient is reduced over the batch without atomics: each program of the prefix kernel
+sums a contiguous range of (batch row, query head) units into an fp32 partial, and the few partials
+are then added in a fixed order. Results are bitwise deterministic run to run, and the scratch is
+SPLITS copies of the prefix, with SPLITS chosen to fill the GPU and never more than B * group.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import triton_kernels as kern
+
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+MAX_HEAD_DIM_FP32 = 128  # fp32 (3xTF32) at D = 256 spills registers at every tile size: see kernel_report
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq")
+ARCHS = (80, 90)
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # Triton < 3.4 has no knobs
+        import os
+
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# The shipped tiles: {kernel: {largest BLOCK_D served: (block_m, block_n, num_warps, num_stages)}}, per
+# architecture and operand width. Each entry is the largest tile that compiles without register spills
+# and within shared memory on that architecture (python -m prefix_kernels report shows the evidence).
+# In the dK/dV kernels block_n is the key tile a program owns and block_m the query tile it walks.
+# "fwd_decode" serves Lq <= 16, so one new token does not pay for a 64- or 128-row query tile.
+_HALF_TILES = {
+    90: {
+        "fwd": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
+        "fwd_decode": {128: (16, 64, 8, 2), 256: (16, 32, 4, 2)},
+        "bwd_dkdv": {64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+        "bwd_prefix_dkdv": {64: (64, 64, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+        "bwd_dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 4, 1)},
+    },
+    80: {
+        "fwd": {64: (128, 64, 8, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)},
+        "fwd_decode": {128: (16, 64, 8, 2), 256: (16, 32, 4, 2)},
+        "bwd_dkdv": {64: (64, 32, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+        "bwd_prefix_dkdv": {64: (64, 32, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+        "bwd_dq": {64: (64, 64, 8, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
+    },
+}
+# fp32 runs its dots as 3xTF32, which holds three times the operand state: small tiles, same on both archs.
+_FP32_TILES = {
+    "fwd": {128: (32, 32, 8, 1)},
+    "fwd_decode": {128: (16, 32, 4, 1)},
+    "bwd_dkdv": {32: (16, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 16, 4, 1)},
+    "bwd_prefix_dkdv": {32: (16, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 16, 4, 1)},
+    "bwd_dq": {64: (32, 32, 8, 1), 128: (16, 32, 4, 1)},
+}
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to the power of two the kernels tile with."""
+    return max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
+
+
+def arch_of(device: torch.device) -> int:
+    """The tile table an architecture uses: 90 for sm_90 and newer, else 80."""
+    if device.type != "cuda":
+        return 90
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None = None, arch: int = 90) -> TileConfig:
+    """The tile configuration shipped for ``kernel`` at this head dim, element size and architecture.
+
+    Under the interpreter every kernel uses 32 x 32 tiles, which keeps CPU tests fast and still walks
+    several tiles, and partial ones, at small shapes.
+    """
+    if is_interpreting():
+        return TileConfig(32, 32, 1, 1)
+    bd = block_d(head_dim)
+    if kernel == "bwd_preprocess":
+        return TileConfig(64 if bd <= 128 and elem_bytes == 2 else 32, 16, 4, 1)
+    if kernel == "fwd" and len_q is not None and len_q <= 16:
+        kernel = "fwd_decode"
+    table = _FP32_TILES if elem_bytes >= 4 else _HALF_TILES[arch]
+    for max_bd, cfg in sorted(table[kernel].items()):
+        if bd <= max_bd:
+            return TileConfig(*cfg)
+    raise ValueError(f"no {kernel} tile for head dim {head_dim} at {elem_bytes}-byte elements")
+
+
+def shipped_configs():
+    """Every (kernel, arch, BLOCK_D, dtype name, decode, TileConfig) the launchers can pick on a GPU."""
+    rows = []
+    for arch in ARCHS:
+        for dtype in ("fp16", "bf16", "fp32"):
+            elem_bytes = 4 if dtype == "fp32" else 2
+            max_d = MAX_HEAD_DIM_FP32 if dtype == "fp32" else MAX_HEAD_DIM
+            for bd in (16, 32, 64, 128, 256):
+                if bd > max_d:
+                    continue
+                for kernel in KERNELS:
+                    for decode in (False, True) if kernel == "fwd" else (False,):
+                        cfg = tile_config(kernel, bd, elem_bytes, 1 if decode else None, arch)
+                        rows.append((kernel, arch, bd, dtype, decode, cfg))
+    return rows
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision. fp32 inputs use 3xTF32 (tensor cores, about fp32 accuracy): whoever
+    passes fp32 asked for fp32 accuracy, and plain fp32 FMA dots spill registers at any useful tile."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return is_interpreting() and dtype == torch.bfloat16
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _padding_bounds(key_padding_mask: torch.Tensor | None, len_k: int):
+    """Per-row [first kept key, last kept key + 1) as int32 [B], so the kernels skip padded tiles.
+
+    Returns (mask as uint8 view, lo, hi), or dummies when there is no mask.
+    """
+    if key_padding_mask is None:
+        return None, None, None
+    keep = key_padding_mask.to(torch.int32)
+    any_kept = keep.amax(dim=1) > 0
+    first = torch.argmax(keep, dim=1)
+    last = len_k - torch.argmax(keep.flip(1), dim=1)
+    lo = torch.where(any_kept, first, torch.full_like(first, len_k)).to(torch.int32)
+    hi = torch.where(any_kept, last, torch.zeros_like(last)).to(torch.int32)
+    mask_u8 = key_padding_mask.view(torch.uint8) if key_padding_mask.is_contiguous() else key_padding_mask.to(
+        torch.uint8
+    )
+    return mask_u8, lo, hi
+
+
+def _device_ctx(t: torch.Tensor):
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse):
+    """out [B, Hq, Lq, D] laid out like q; lse [B, Hq, Lq] fp32, or [B, Hq, 0] if not need_lse."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[1]
+    pk = k if P == 0 else prefix_k
+    pv = v if P == 0 else prefix_v
+    mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32, device=q.device)
+    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device))
+    has_kpm = mask_u8 is not None
+    m = mask_u8 if has_kpm else q
+    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
+    with _device_ctx(q):
+        kern._attn_fwd_kernel[grid](
+            q, k, v, pk, pv, m, kv_lo if has_kpm else q, kv_hi if has_kpm else q, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *pk.stride()[-3:], *pv.stride()[-3:],
+            *(mask_u8.stride() if has_kpm else (0, 0)), *out.stride(),
+            Hq, Lq, Lk, P, D, Hq // Hkv, scale * 1.4426950408889634,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, STORE_LSE=need_lse,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D),
+            UPCAST=_upcast(q.dtype), PRECISION=precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, lse
+
+
+def _prefix_splits(units: int, programs_per_split: int, device: torch.device) -> int:
+    """How many partial sums the prefix gradient uses: enough programs to fill the GPU."""
+    if device.type != "cuda":
+        return min(2, units)  # the interpreter: two partials, so tests exercise the reduction
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(units, triton.cdiv(target, programs_per_split)))
+
+
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+    """Gradients (dq, dk, dv, dprefix_k, dprefix_v); prefix gradients are None when P = 0."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    P = 0 if prefix_k is None else prefix_k.shape[1]
+    bd = block_d(D)
+    upcast = _upcast(q.dtype)
+    prec = precision(q.dtype)
+    qk_scale = scale * 1.4426950408889634
+    arch = arch_of(q.device)
+    mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
+    has_kpm = mask_u8 is not None
+    m = mask_u8 if has_kpm else q
+    lo_ = kv_lo if has_kpm else q
+    hi_ = kv_hi if has_kpm else q
+    m_strides = mask_u8.stride() if has_kpm else (0, 0)
+    has_dlse = dlse is not None and dlse.numel() > 0
+    dlse_c = dlse.contiguous() if has_dlse else lse
+
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    with _device_ctx(q):
+        cfg = tile_config("bwd_preprocess", D, q.element_size(), arch=arch)
+        kern._attn_bwd_preprocess_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
+            out, dout, dlse_c, delta, *out.stride(), *dout.stride(), Hq, Lq, D,
+            HAS_DLSE=has_dlse, BLOCK_M=cfg.block_m, BLOCK_D=bd,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        cfg = tile_config("bwd_dkdv", D, q.element_size(), arch=arch)
+        kern._attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
+            q, k, v, dout, lse, delta, m, lo_, hi_, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *m_strides, *dk.stride(), *dv.stride(),
+            Hq, Hkv, Lq, Lk, D, G, qk_scale, scale,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        pk = k if P == 0 else prefix_k
+        pv = v if P == 0 else prefix_v
+        cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch)
+        kern._attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
+            q, k, v, pk, pv, dout, lse, delta, m, lo_, hi_, dq,
+            *q.stride(), *k.stride(), *v.stride(), *pk.stride()[-3:], *pv.stride()[-3:],
+            *dout.stride(), *m_strides, *dq.stride(),
+            Hq, Lq, Lk, P, D, G, qk_scale, scale,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if P == 0:
+            return dq, dk, dv, None, None
+        cfg = tile_config("bwd_prefix_dkdv", D, q.element_size(), arch=arch)
+        n_tiles = triton.cdiv(P, cfg.block_n)
+        units = B * G
+        splits = _prefix_splits(units, n_tiles * Hkv, q.device)
+        per_split = triton.cdiv(units, splits)
+        splits = triton.cdiv(units, per_split)
+        dpk_part = torch.empty((splits, Hkv, P, D), dtype=torch.float32, device=q.device)
+        dpv_part = torch.empty_like(dpk_part)
+        kern._attn_bwd_prefix_dkdv_kernel[(n_tiles, Hkv, splits)](
+            q, prefix_k, prefix_v, dout, lse, delta, dpk_part, dpv_part,
+            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
+            Hq, Hkv, Lq, P, D, G, units, per_split, qk_scale, scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    dpk = dpk_part.sum(dim=0).to(prefix_k.dtype)
+    dpv = dpv_part.sum(dim=0).to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv
