@@ -1,0 +1,216 @@
+"""Static report of the shipped Triton kernels, with no GPU needed.
+
+Every tile configuration the launchers can pick (``triton_impl.shipped_configs``) is compiled ahead of
+time for sm80 and sm90 with the signature a real launch would have (16-byte aligned pointers and
+strides, a unit head-dim stride, every optional feature on, which holds the most state live). For each
+we report shared memory against the architecture's limit, registers and spills from Triton's own
+``ptxas -v``, and whether the PTX uses tensor cores (``mma.sync`` / ``wgmma``).
+
+    python -m prefix_kernels.kernel_report [--arch 80 90] [--json out.json] [--jobs N]
+
+Must run without TRITON_INTERPRET (the interpreter cannot compile); the tests call it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+# Largest dynamic shared memory one block may use (opt-in), in bytes.
+SMEM_LIMIT = {80: 166912, 90: 232448}
+PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
+
+KERNEL_FUNCTIONS = {
+    "fwd": "_attn_fwd_kernel",
+    "bwd_preprocess": "_attn_bwd_preprocess_kernel",
+    "bwd_dkdv": "_attn_bwd_dkdv_kernel",
+    "bwd_prefix_dkdv": "_attn_bwd_prefix_dkdv_kernel",
+    "bwd_dq": "_attn_bwd_dq_kernel",
+}
+# Kernels without a matrix product (no tensor cores expected).
+NO_DOT = {"bwd_preprocess"}
+POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
+                 "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32"}
+FLAGS = ("IS_CAUSAL", "HAS_KPM", "STORE_LSE", "HAS_DLSE")
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: int
+    dtype: str
+    block_d: int
+    decode: bool
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    head_dim: int = 0  # 0: the head dim equals block_d
+    shared: int = -1
+    smem_limit: int = 0
+    registers: int = -1
+    spill_stores: int = -1
+    spill_loads: int = -1
+    tensor_cores: str = ""
+    compile_s: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and 0 <= self.shared <= self.smem_limit and self.spill_stores == 0 and (
+            self.kernel in NO_DOT or self.tensor_cores != "none"
+        )
+
+
+def _ptxas() -> str:
+    import triton
+
+    try:
+        from triton import knobs
+
+        path = knobs.nvidia.ptxas.path
+        if path:
+            return path
+    except (ImportError, AttributeError):
+        pass
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _signature(fn, dtype: str, constexprs: dict):
+    """Signature, constants and alignment attributes for ``fn`` as a typical launch specialises it."""
+    params = fn.params
+    first_stride = next(i for i, p in enumerate(params) if p.name.startswith("stride"))
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(params):
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+            consts[name] = constexprs[name]
+        elif i < first_stride:
+            sig[name] = POINTER_TYPES.get(name, "*" + dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.startswith("stride") and name.endswith("d"):
+            sig[name] = "constexpr"  # the head dim is contiguous: Triton specialises a stride of 1
+            consts[name] = 1
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def compile_row(row: Row) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .ops.attention import triton_kernels
+
+    fn = getattr(triton_kernels, KERNEL_FUNCTIONS[row.kernel])
+    constexprs = {f: True for f in FLAGS}
+    constexprs.update(D=row.head_dim or row.block_d, BLOCK_M=row.block_m, BLOCK_N=row.block_n, BLOCK_D=row.block_d,
+                      UPCAST=False,
+                      PRECISION="tf32x3" if row.dtype == "fp32" else "tf32")
+    sig, consts, attrs = _signature(fn, row.dtype, constexprs)
+    row.smem_limit = SMEM_LIMIT[row.arch]
+    start = time.time()
+    try:
+        compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", row.arch, 32),
+                                  options={"num_warps": row.num_warps, "num_stages": row.num_stages})
+    except Exception as e:  # a compile failure is a finding of the report, not a crash of it
+        row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+        return row
+    row.compile_s = round(time.time() - start, 2)
+    ptx = compiled.asm["ptx"]
+    row.shared = int(compiled.metadata.shared)
+    row.tensor_cores = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_ptxas(), "--gpu-name", PTXAS_ARCH[row.arch], "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True)
+    info = res.stdout + res.stderr
+    if res.returncode != 0:
+        row.error = "ptxas failed: " + info.strip().splitlines()[-1][:200]
+        return row
+    regs = re.search(r"Used (\d+) registers", info)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    row.registers = int(regs.group(1)) if regs else -1
+    if spills:
+        row.spill_stores, row.spill_loads = int(spills.group(1)), int(spills.group(2))
+    return row
+
+
+def planned_rows(archs=(80, 90)) -> list[Row]:
+    from .ops.attention.triton_impl import shipped_configs
+
+    rows = []
+    for kernel, arch, bd, dtype, decode, cfg in shipped_configs():
+        if arch in archs:
+            rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages))
+    return rows
+
+
+def run(archs=(80, 90), jobs: int | None = None, progress: bool = True) -> list[Row]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernel_report compiles for real GPUs: unset TRITON_INTERPRET")
+    rows = planned_rows(archs)
+    jobs = jobs or os.cpu_count() or 1
+    done = []
+    with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
+        for i, row in enumerate(pool.map(compile_row, rows), 1):
+            done.append(row)
+            if progress:
+                print(f"\r[{i}/{len(rows)}] compiled", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return done
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'kernel':16} {'arch':>4} {'dtype':5} {'D':>3} {'tile':>9} {'w':>2} {'s':>1} {'smem KB':>8} "
+            f"{'regs':>4} {'spill':>5} {'tc':5} status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        name = r.kernel + ("/decode" if r.decode else "")
+        status = "ok" if r.ok else ("ERROR " + r.error if r.error else "CHECK")
+        lines.append(
+            f"{name:16} {r.arch:>4} {r.dtype:5} {r.block_d:>3} {f'{r.block_m}x{r.block_n}':>9} {r.num_warps:>2} "
+            f"{r.num_stages:>1} {r.shared / 1024:>8.1f} {r.registers:>4} {r.spill_stores:>5} {r.tensor_cores:5} "
+            f"{status}"
+        )
+    bad = sum(not r.ok for r in rows)
+    lines.append(f"{len(rows)} kernel configurations, {bad} with a problem (over shared memory, spills, no "
+                 "tensor cores, or a compile error)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    args = parser.parse_args(argv)
+    rows = run(tuple(args.arch), args.jobs)
+    print(format_table(rows))
+    if args.json:
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": [asdict(r) | {"ok": r.ok} for r in rows]}, f, indent=1)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
