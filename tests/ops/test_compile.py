@@ -1,0 +1,98 @@
+"""torch.library registration: fake implementations, opcheck, and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+
+import prefix_kernels  # noqa: F401  (registers the ops)
+from prefix_kernels import prefix_attention
+from prefix_kernels.ops.attention import function
+from prefix_kernels.testing import make_inputs
+
+
+def test_ops_are_registered():
+    assert hasattr(torch.ops.prefix_kernels, "attention_fwd")
+    assert hasattr(torch.ops.prefix_kernels, "attention_bwd")
+
+
+@pytest.mark.parametrize("with_prefix", [True, False])
+@pytest.mark.parametrize("need_lse", [True, False])
+def test_opcheck_forward(with_prefix, need_lse):
+    inputs = make_inputs(len_q=5, len_k=7, prefix_len=3 if with_prefix else 0, head_dim=16, padding="right")
+    args = (inputs["q"].requires_grad_(), inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
+            inputs["key_padding_mask"], True, 0.25, "torch", need_lse)
+    # The backward registration is exercised only when the LSE is kept (as it is whenever grads flow).
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    if not need_lse:
+        tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(function.attention_fwd, args, test_utils=tests)
+
+
+def test_fake_shapes_and_layouts():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 9, 8, 64).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
+        k = torch.empty(2, 2, 11, 64)
+        pk = torch.empty(2, 5, 64)
+        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, False, 0.125, "torch", True)
+        assert out.shape == (2, 8, 9, 64) and out.stride() == q.stride()
+        assert lse.shape == (2, 8, 9) and lse.dtype == torch.float32
+        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, out, lse, False, 0.125,
+                                                       "torch")
+        assert [tuple(g.shape) for g in grads] == [(2, 8, 9, 64), (2, 2, 11, 64), (2, 2, 11, 64), (2, 5, 64),
+                                                   (2, 5, 64)]
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    inputs = make_inputs(len_q=6, len_k=8, prefix_len=3, head_dim=16, padding="left")
+    mask = inputs["key_padding_mask"]
+
+    def layer(q, k, v, pk, pv):
+        out = prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=mask, backend="torch")
+        return (out.float() ** 2).sum()
+
+    leaves = [inputs[n].detach().requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    eager = layer(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(got_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_fullgraph_inductor_auto_backend():
+    """The default backend="auto" path (selection and validation in Python) traces without breaks."""
+    torch._dynamo.reset()
+    inputs = make_inputs(len_q=4, len_k=5, prefix_len=2, head_dim=16)
+
+    def layer(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv) * 2
+
+    args = [inputs[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(*args), layer(*args))
+
+
+def test_constant_marker_matches_torch():
+    """backends._assume_constant_result mirrors torch.compiler.assume_constant_result."""
+    from prefix_kernels import backends
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {k: v for k, v in vars(marked).items() if k.startswith("_dynamo")}
+    assert flags == {"_dynamo_marked_constant": True}
+    assert backends._select_name._dynamo_marked_constant is True
+
+
+def test_package_import_is_light():
+    """Importing the package loads neither torch._dynamo nor Triton (so TRITON_INTERPRET can be set later)."""
+    import subprocess
+    import sys
+
+    code = "import sys, prefix_kernels; print('torch._dynamo' in sys.modules, 'triton.language' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
