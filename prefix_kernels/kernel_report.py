@@ -2,9 +2,12 @@
 
 Every tile configuration the launchers can pick (``triton_impl.shipped_configs``) is compiled ahead of
 time for sm80 and sm90 with the signature a real launch would have (16-byte aligned pointers and
-strides, a unit head-dim stride, every optional feature on, which holds the most state live). For each
-we report shared memory against the architecture's limit, registers and spills from Triton's own
-``ptxas -v``, and whether the PTX uses tensor cores (``mma.sync`` / ``wgmma``).
+strides, a unit head-dim stride), in two flag sets: the plain path (causal with padding) and every
+optional feature on (ALiBi, dropout, window, softcap: the most state live), each with the tiles the
+launcher picks for it. For each we report shared memory against the architecture's limit, registers
+and stack (spill) bytes of the cubin Triton really built (read with its bundled cuobjdump, so the
+ptxas options Triton uses are the ones measured), and whether the PTX uses tensor cores
+(``mma.sync`` / ``wgmma``).
 
     python -m prefix_kernels.kernel_report [--arch 80 90] [--json out.json] [--jobs N]
 
@@ -38,8 +41,17 @@ KERNEL_FUNCTIONS = {
 # Kernels without a matrix product (no tensor cores expected).
 NO_DOT = {"bwd_preprocess"}
 POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
-                 "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32"}
-FLAGS = ("IS_CAUSAL", "HAS_KPM", "STORE_LSE", "HAS_DLSE")
+                 "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ALIBI": "*fp32", "ALIBI_OFF": "*i32",
+                 "SEED": "*i64"}
+FLOAT_SCALARS = ("sm_scale", "qk_scale", "softcap", "dropout_p")
+# Flag sets compiled for every tile: the common path (causal decoder with padding) and every optional
+# feature at once, which holds the most state live.
+VARIANTS = {
+    "plain": {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True, "HAS_DLSE": False, "HAS_ALIBI": False,
+              "HAS_ALIBI_OFF": False, "HAS_DROPOUT": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False},
+    "all": {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True, "HAS_DLSE": True, "HAS_ALIBI": True,
+            "HAS_ALIBI_OFF": True, "HAS_DROPOUT": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True},
+}
 
 
 @dataclass
@@ -53,35 +65,27 @@ class Row:
     block_n: int
     num_warps: int
     num_stages: int
+    variant: str = "plain"
     head_dim: int = 0  # 0: the head dim equals block_d
     shared: int = -1
     smem_limit: int = 0
     registers: int = -1
-    spill_stores: int = -1
-    spill_loads: int = -1
+    stack: int = -1  # bytes of stack frame per thread: register spills (the kernels use no local arrays)
     tensor_cores: str = ""
     compile_s: float = 0.0
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.error and 0 <= self.shared <= self.smem_limit and self.spill_stores == 0 and (
+        return not self.error and 0 <= self.shared <= self.smem_limit and self.stack == 0 and (
             self.kernel in NO_DOT or self.tensor_cores != "none"
         )
 
 
-def _ptxas() -> str:
+def _cuobjdump() -> str:
     import triton
 
-    try:
-        from triton import knobs
-
-        path = knobs.nvidia.ptxas.path
-        if path:
-            return path
-    except (ImportError, AttributeError):
-        pass
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def _signature(fn, dtype: str, constexprs: dict):
@@ -100,7 +104,7 @@ def _signature(fn, dtype: str, constexprs: dict):
         elif name.startswith("stride") and name.endswith("d"):
             sig[name] = "constexpr"  # the head dim is contiguous: Triton specialises a stride of 1
             consts[name] = 1
-        elif name in ("qk_scale", "sm_scale"):
+        elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -117,10 +121,9 @@ def compile_row(row: Row) -> Row:
     from .ops.attention import triton_kernels
 
     fn = getattr(triton_kernels, KERNEL_FUNCTIONS[row.kernel])
-    constexprs = {f: True for f in FLAGS}
-    constexprs.update(D=row.head_dim or row.block_d, BLOCK_M=row.block_m, BLOCK_N=row.block_n, BLOCK_D=row.block_d,
-                      UPCAST=False,
-                      PRECISION="tf32x3" if row.dtype == "fp32" else "tf32")
+    constexprs = dict(VARIANTS[row.variant])
+    constexprs.update(USE_LIBDEVICE=True, D=row.head_dim or row.block_d, BLOCK_M=row.block_m, BLOCK_N=row.block_n,
+                      BLOCK_D=row.block_d, UPCAST=False, PRECISION="tf32x3" if row.dtype == "fp32" else "tf32")
     sig, consts, attrs = _signature(fn, row.dtype, constexprs)
     row.smem_limit = SMEM_LIMIT[row.arch]
     start = time.time()
@@ -135,20 +138,15 @@ def compile_row(row: Row) -> Row:
     row.shared = int(compiled.metadata.shared)
     row.tensor_cores = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([_ptxas(), "--gpu-name", PTXAS_ARCH[row.arch], "-v", path, "-o", os.devnull],
-                             capture_output=True, text=True)
-    info = res.stdout + res.stderr
-    if res.returncode != 0:
-        row.error = "ptxas failed: " + info.strip().splitlines()[-1][:200]
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        res = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", res.stdout)
+    if res.returncode != 0 or usage is None:
+        row.error = "cuobjdump failed: " + (res.stdout + res.stderr).strip()[-200:]
         return row
-    regs = re.search(r"Used (\d+) registers", info)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    row.registers = int(regs.group(1)) if regs else -1
-    if spills:
-        row.spill_stores, row.spill_loads = int(spills.group(1)), int(spills.group(2))
+    row.registers, row.stack = int(usage.group(1)), int(usage.group(2))
     return row
 
 
@@ -156,9 +154,10 @@ def planned_rows(archs=(80, 90)) -> list[Row]:
     from .ops.attention.triton_impl import shipped_configs
 
     rows = []
-    for kernel, arch, bd, dtype, decode, cfg in shipped_configs():
+    for kernel, arch, bd, dtype, decode, featured, cfg in shipped_configs():
         if arch in archs:
-            rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages))
+            rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps,
+                            cfg.num_stages, "all" if featured else "plain"))
     return rows
 
 
@@ -179,16 +178,16 @@ def run(archs=(80, 90), jobs: int | None = None, progress: bool = True) -> list[
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'kernel':16} {'arch':>4} {'dtype':5} {'D':>3} {'tile':>9} {'w':>2} {'s':>1} {'smem KB':>8} "
-            f"{'regs':>4} {'spill':>5} {'tc':5} status")
+    head = (f"{'kernel':16} {'flags':5} {'arch':>4} {'dtype':5} {'D':>3} {'tile':>9} {'w':>2} {'s':>1} {'smem KB':>8} "
+            f"{'regs':>4} {'stack':>5} {'tc':5} status")
     lines = [head, "-" * len(head)]
     for r in rows:
         name = r.kernel + ("/decode" if r.decode else "")
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "CHECK")
+        tile = f"{r.block_m}x{r.block_n}"
         lines.append(
-            f"{name:16} {r.arch:>4} {r.dtype:5} {r.block_d:>3} {f'{r.block_m}x{r.block_n}':>9} {r.num_warps:>2} "
-            f"{r.num_stages:>1} {r.shared / 1024:>8.1f} {r.registers:>4} {r.spill_stores:>5} {r.tensor_cores:5} "
-            f"{status}"
+            f"{name:16} {r.variant:5} {r.arch:>4} {r.dtype:5} {r.block_d:>3} {tile:>9} {r.num_warps:>2} "
+            f"{r.num_stages:>1} {r.shared / 1024:>8.1f} {r.registers:>4} {r.stack:>5} {r.tensor_cores:5} {status}"
         )
     bad = sum(not r.ok for r in rows)
     lines.append(f"{len(rows)} kernel configurations, {bad} with a problem (over shared memory, spills, no "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.attention import prefix_attention
+from .ops.attention import draw_dropout_seed, dropout_keep_mask, prefix_attention
 from .ops.attention.reference import prefix_attention_ref
 
 TENSOR_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -143,16 +143,23 @@ def check_backend(
     grads: bool = True,
     lse_grad: bool = False,
     seed: int = 1,
+    **features,
 ) -> list[Comparison]:
     """Compare ``prefix_attention(backend=...)`` with the reference: out, lse and (optionally) the five
-    gradients, under the tolerance rule. Returns one :class:`Comparison` per quantity."""
+    gradients, under the tolerance rule. Returns one :class:`Comparison` per quantity.
+
+    ``features`` are passed to both (alibi_slopes, alibi_offsets, sliding_window, softcap, dropout_p).
+    With dropout, the reference is given the keep mask that the backend itself reports for the seed the
+    call drew, so forward and backward are both checked against the mask the kernel really applied."""
     q = inputs["q"]
     dtype = q.dtype
     truth_dtype = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
     g = torch.Generator(device="cpu").manual_seed(seed)
     dout = torch.randn(q.shape, generator=g).to(q.device, dtype) if grads else None
     dlse = torch.randn(q.shape[:3], generator=g).to(q.device) if grads and lse_grad else None
-    kw = {"causal": causal, "softmax_scale": softmax_scale}
+    kw = {"causal": causal, "softmax_scale": softmax_scale, **features}
+    ref_kw = dict(kw)
+    dropout_p = features.get("dropout_p", 0.0)
 
     def ours_fn(*a, **k):
         return prefix_attention(*a, return_lse=True, backend=backend, **k)
@@ -160,7 +167,17 @@ def check_backend(
     def ref_fn(upcast):
         return lambda *a, **k: prefix_attention_ref(*a, upcast=upcast, **k)
 
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
     ours = _run(ours_fn, inputs, dout, dlse, lambda t: t, **kw)
+    if dropout_p > 0:
+        torch.manual_seed(seed)  # the call drew its seed first thing: draw it again
+        drawn = draw_dropout_seed(q.device)
+        P = 0 if inputs["prefix_k"] is None else inputs["prefix_k"].shape[1]
+        ref_kw["dropout_keep"] = dropout_keep_mask(drawn, q.shape[0], q.shape[1], q.shape[2],
+                                                   P + inputs["k"].shape[2], dropout_p, backend)
+    torch.random.set_rng_state(rng_state)
+    kw = ref_kw
     truth = _run(ref_fn(True), inputs, dout, dlse, lambda t: t.to(truth_dtype), **kw)
     base = _run(ref_fn(False), inputs, dout, dlse, lambda t: t, **kw)
     B, Hq, Lq, _ = q.shape

@@ -14,12 +14,23 @@ def test_ops_are_registered():
     assert hasattr(torch.ops.prefix_kernels, "attention_bwd")
 
 
+def _op_args(inputs, need_lse, features: bool):
+    q = inputs["q"]
+    B, Hq = q.shape[:2]
+    alibi = (torch.linspace(0.1, 0.5, Hq), torch.tensor([-1, 0] * (B // 2) + [0] * (B % 2), dtype=torch.int32),
+             torch.tensor(1234, dtype=torch.int64)) if features else (None, None, None)
+    scalars = (0.2, 3, 4.0) if features else (0.0, None, None)
+    return (q, inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"], inputs["key_padding_mask"],
+            *alibi, True, 0.25, *scalars, "torch", need_lse)
+
+
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
 @pytest.mark.parametrize("with_prefix", [True, False])
 @pytest.mark.parametrize("need_lse", [True, False])
-def test_opcheck_forward(with_prefix, need_lse):
+def test_opcheck_forward(with_prefix, need_lse, features):
     inputs = make_inputs(len_q=5, len_k=7, prefix_len=3 if with_prefix else 0, head_dim=16, padding="right")
-    args = (inputs["q"].requires_grad_(), inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
-            inputs["key_padding_mask"], True, 0.25, "torch", need_lse)
+    inputs["q"].requires_grad_()
+    args = _op_args(inputs, need_lse, features)
     # The backward registration is exercised only when the LSE is kept (as it is whenever grads flow).
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     if not need_lse:
@@ -34,11 +45,12 @@ def test_fake_shapes_and_layouts():
         q = torch.empty(2, 9, 8, 64).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
         k = torch.empty(2, 2, 11, 64)
         pk = torch.empty(2, 5, 64)
-        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, False, 0.125, "torch", True)
+        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, None, None, None, False, 0.125, 0.0,
+                                                          None, None, "torch", True)
         assert out.shape == (2, 8, 9, 64) and out.stride() == q.stride()
         assert lse.shape == (2, 8, 9) and lse.dtype == torch.float32
-        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, out, lse, False, 0.125,
-                                                       "torch")
+        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, None, None, None, out, lse,
+                                                       False, 0.125, 0.0, None, None, "torch")
         assert [tuple(g.shape) for g in grads] == [(2, 8, 9, 64), (2, 2, 11, 64), (2, 2, 11, 64), (2, 5, 64),
                                                    (2, 5, 64)]
 
@@ -61,6 +73,27 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(got, eager)
     for a, b in zip(got_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_compile_fullgraph_with_features():
+    """ALiBi, window, softcap and dropout (its seed a random op in the graph) trace without breaks, and
+    the compiled function draws a fresh dropout mask per call like eager does."""
+    torch._dynamo.reset()
+    inputs = make_inputs(len_q=6, len_k=8, prefix_len=3, head_dim=16, padding="right")
+    slopes = torch.linspace(0.1, 0.4, 4)
+
+    def layer(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=inputs["key_padding_mask"],
+                                alibi_slopes=slopes, sliding_window=4, softcap=3.0, dropout_p=0.3, backend="torch")
+
+    args = [inputs[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    eager = layer(*args)
+    torch.manual_seed(0)
+    got = compiled(*args)
+    torch.testing.assert_close(got, eager)
+    assert not torch.equal(compiled(*args), got)  # a new seed each call
 
 
 def test_compile_fullgraph_inductor_auto_backend():

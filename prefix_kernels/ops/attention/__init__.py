@@ -8,15 +8,26 @@ from ... import backends
 from .inputs import AttentionSpec, check_inputs
 from .reference import prefix_attention_ref
 
-__all__ = ["AttentionSpec", "check_inputs", "prefix_attention", "prefix_attention_ref", "select_backend"]
+__all__ = ["AttentionSpec", "check_inputs", "draw_dropout_seed", "dropout_keep_mask", "prefix_attention",
+           "prefix_attention_ref", "select_backend"]
 
 
-def select_backend(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, key_padding_mask=None,
-                   softmax_scale=None, backend="auto") -> str:
-    """The name of the backend that ``prefix_attention`` would use for these arguments."""
-    spec = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
-                        softmax_scale=softmax_scale)
-    return backends.select(spec, backend).name
+def select_backend(q, k, v, prefix_k=None, prefix_v=None, *, backend="auto", **options) -> str:
+    """The name of the backend that ``prefix_attention`` would use for these arguments (same keywords)."""
+    return backends.select(check_inputs(q, k, v, prefix_k, prefix_v, **options), backend).name
+
+
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    """The int64 seed of one dropout call, drawn from the device's default generator (so torch.manual_seed
+    makes runs repeatable, and torch.compile / CUDA graphs see an ordinary random op, no host sync)."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads_q: int, len_q: int, n_cols: int, dropout_p: float,
+                      backend: str) -> torch.Tensor:
+    """Debug aid: the keep mask ``[B, Hq, Lq, P + Lk]`` bool that ``backend`` applies for ``seed``."""
+    return backends.get(backend).impl().dropout_keep_mask(seed, batch, heads_q, len_q, n_cols, dropout_p,
+                                                          seed.device)
 
 
 def prefix_attention(
@@ -29,6 +40,11 @@ def prefix_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_offsets: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -49,6 +65,17 @@ def prefix_attention(
             alignment: a decode step with Lq = 1 sees the whole cache). The prefix stays visible.
         key_padding_mask: ``[B, Lk]`` bool, True = attend. Applies to the input keys only.
         softmax_scale: defaults to ``D ** -0.5``; must be finite.
+        alibi_slopes: ``[Hq]`` float32. Adds ``slope[h] * position`` to the logit of each key, with prefix
+            column p at position p and input key j at ``P + j + alibi_offsets[b]`` (HF Bloom with a
+            prefix of P ones prepended to its mask, where a left-padded row has offset = -(its pads)).
+        alibi_offsets: ``[B]`` int32/int64; default 0 (positions 0 .. P + Lk - 1).
+        dropout_p: attention dropout on the probabilities (prefix columns included), in [0, 1). The keep
+            mask comes from a counter-based RNG keyed by a seed drawn from torch's default generator of
+            q's device, and is regenerated in the backward, never stored. Pass 0 in eval.
+        sliding_window: W >= 1, needs causal: input key j is visible to query i iff
+            ``i + (Lk - Lq) - W < j <= i + (Lk - Lq)``. The prefix stays visible to every query (it is
+            not part of the sequence the window slides over).
+        softcap: c > 0: logits become ``c * tanh(scale * q.k / c)`` (Gemma 2); ALiBi is added after.
         return_lse: also return ``lse [B, Hq, Lq]`` (float32, natural log); it is differentiable.
         backend: "auto" (cuda > triton > torch; ``PREFIX_KERNELS_BACKEND`` overrides), or a name. A
             named backend that cannot serve the input raises with every reason.
@@ -60,7 +87,8 @@ def prefix_attention(
     prefix) gets ``out = 0`` and ``lse = -inf``, and zero gradients: never NaN.
     """
     spec = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
-                        softmax_scale=softmax_scale)
+                        softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, alibi_offsets=alibi_offsets,
+                        dropout_p=dropout_p, sliding_window=sliding_window, softcap=softcap)
     chosen = backends.select(spec, backend)
     grads_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)
@@ -70,6 +98,8 @@ def prefix_attention(
         prefix_k = prefix_v = None
     from .function import attention_fwd
 
-    out, lse = attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale,
+    seed = draw_dropout_seed(q.device) if spec.dropout_p > 0 else None
+    out, lse = attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, seed,
+                             causal, spec.softmax_scale, spec.dropout_p, spec.sliding_window, spec.softcap,
                              chosen.name, need_lse)
     return (out, lse) if return_lse else out

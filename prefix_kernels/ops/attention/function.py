@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from .inputs import Features
 
 
 @torch.library.custom_op("prefix_kernels::attention_fwd", mutates_args=())
@@ -25,18 +26,26 @@ def attention_fwd(
     prefix_k: Tensor | None,
     prefix_v: Tensor | None,
     key_padding_mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    alibi_offsets: Tensor | None,
+    dropout_seed: Tensor | None,
     causal: bool,
     softmax_scale: float,
+    dropout_p: float,
+    sliding_window: int | None,
+    softcap: float | None,
     backend: str,
     need_lse: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, Hq, Lq, D] like q, lse [B, Hq, Lq] fp32, or [B, Hq, 0] when not need_lse)."""
     impl = backends.get(backend).impl()
-    return impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, need_lse)
+    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap)
+    return impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, need_lse, features)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend, need_lse):
+def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
+                        causal, softmax_scale, dropout_p, sliding_window, softcap, backend, need_lse):
     B, Hq, Lq, _ = q.shape
     lse = q.new_empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32)
     return torch.empty_like(q), lse
@@ -52,16 +61,23 @@ def attention_bwd(
     prefix_k: Tensor | None,
     prefix_v: Tensor | None,
     key_padding_mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    alibi_offsets: Tensor | None,
+    dropout_seed: Tensor | None,
     out: Tensor,
     lse: Tensor,
     causal: bool,
     softmax_scale: float,
+    dropout_p: float,
+    sliding_window: int | None,
+    softcap: float | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are empty [0] when P = 0."""
     impl = backends.get(backend).impl()
+    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap)
     dq, dk, dv, dpk, dpv = impl.backward(
-        dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale
+        dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, features
     )
     if dpk is None:
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
@@ -69,8 +85,8 @@ def attention_bwd(
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal,
-                        softmax_scale, backend):
+def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets,
+                        dropout_seed, out, lse, causal, softmax_scale, dropout_p, sliding_window, softcap, backend):
     if prefix_k is None:
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     else:
@@ -79,26 +95,22 @@ def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mas
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend, need_lse = inputs
+    (q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
+     causal, softmax_scale, dropout_p, sliding_window, softcap, backend, need_lse) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
-    ctx.causal = causal
-    ctx.softmax_scale = softmax_scale
-    ctx.backend = backend
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
+                          out, lse)
+    ctx.args = (causal, softmax_scale, dropout_p, sliding_window, softcap, backend)
     ctx.has_prefix = prefix_k is not None
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
     if dlse is not None and dlse.numel() == 0:
         dlse = None
-    dq, dk, dv, dpk, dpv = attention_bwd(
-        dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-        ctx.causal, ctx.softmax_scale, ctx.backend,
-    )
+    dq, dk, dv, dpk, dpv = attention_bwd(dout, dlse, *ctx.saved_tensors, *ctx.args)
     if not ctx.has_prefix:
         dpk = dpv = None
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None
+    return (dq, dk, dv, dpk, dpv) + (None,) * 11
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -31,6 +31,24 @@ class AttentionSpec:
     causal: bool
     has_padding_mask: bool
     softmax_scale: float
+    has_alibi: bool = False
+    dropout_p: float = 0.0
+    sliding_window: int | None = None
+    softcap: float | None = None
+
+    @property
+    def features(self) -> list[str]:
+        """Names of the optional features in use (ALiBi, dropout, sliding window, softcap)."""
+        names = []
+        if self.has_alibi:
+            names.append("alibi")
+        if self.dropout_p > 0:
+            names.append("dropout")
+        if self.sliding_window is not None:
+            names.append("sliding_window")
+        if self.softcap is not None:
+            names.append("softcap")
+        return names
 
     @property
     def group(self) -> int:
@@ -58,11 +76,18 @@ def check_inputs(
     causal=False,
     key_padding_mask=None,
     softmax_scale=None,
+    alibi_slopes=None,
+    alibi_offsets=None,
+    dropout_p=0.0,
+    sliding_window=None,
+    softcap=None,
 ) -> AttentionSpec:
     """Check a prefix-attention call against the contract and return its :class:`AttentionSpec`.
 
     Shapes: q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]``; prefix_k, prefix_v ``[Hkv, P, D]``;
     key_padding_mask ``[B, Lk]`` bool (True = attend). Any strides are accepted.
+    alibi_slopes ``[Hq]`` float32; alibi_offsets ``[B]`` integer (needs alibi_slopes); dropout_p in
+    [0, 1); sliding_window an int >= 1 (needs causal); softcap a float > 0.
     """
     q = _require_tensor("q", q)
     k = _require_tensor("k", k)
@@ -144,6 +169,45 @@ def check_inputs(
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
 
+    if alibi_slopes is not None:
+        _require_tensor("alibi_slopes", alibi_slopes)
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) != (Hq,):
+            raise ValueError(f"alibi_slopes must have shape (Hq={Hq},), one slope per query head, "
+                             f"got {_shape(alibi_slopes)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    if alibi_offsets is not None:
+        _require_tensor("alibi_offsets", alibi_offsets)
+        if alibi_slopes is None:
+            raise ValueError("alibi_offsets was given without alibi_slopes")
+        if alibi_offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"alibi_offsets must be int32 or int64, got {alibi_offsets.dtype}")
+        if tuple(alibi_offsets.shape) != (B,):
+            raise ValueError(f"alibi_offsets must have shape (batch={B},), got {_shape(alibi_offsets)}")
+        if alibi_offsets.device != q.device:
+            raise ValueError(f"alibi_offsets is on {alibi_offsets.device} but q is on {q.device}")
+
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise TypeError(f"sliding_window must be an int or None, got {type(sliding_window).__name__}")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (keys seen per query), got {sliding_window}")
+        if not causal:
+            raise ValueError("sliding_window needs causal=True (a window below the diagonal, as in Mistral)")
+
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite float > 0, got {softcap}")
+
     return AttentionSpec(
         batch=B,
         heads_q=Hq,
@@ -157,4 +221,29 @@ def check_inputs(
         causal=causal,
         has_padding_mask=key_padding_mask is not None,
         softmax_scale=scale,
+        has_alibi=alibi_slopes is not None,
+        dropout_p=float(dropout_p),
+        sliding_window=sliding_window,
+        softcap=None if softcap is None else float(softcap),
     )
+
+
+@dataclass(frozen=True)
+class Features:
+    """The optional parts of one call, as handed to a backend's forward and backward (all off by default).
+
+    alibi_slopes ``[Hq]`` fp32 and alibi_offsets ``[B]`` int: the logit of key column c gets
+    ``+ slope[h] * position``, with prefix column p at position p and input key j at
+    ``P + j + alibi_offsets[b]`` (offset 0 when None). dropout_seed is an int64 scalar tensor on the
+    inputs' device from which every kernel regenerates the same keep mask.
+    """
+
+    alibi_slopes: torch.Tensor | None = None
+    alibi_offsets: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    dropout_seed: torch.Tensor | None = None
+    sliding_window: int | None = None
+    softcap: float | None = None
+
+
+NO_FEATURES = Features()

@@ -19,6 +19,9 @@ import torch
 import triton
 
 from . import triton_kernels as kern
+from .inputs import NO_FEATURES, Features
+
+LOG2E = 1.4426950408889634
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -72,9 +75,31 @@ _HALF_TILES = {
 _FP32_TILES = {
     "fwd": {128: (32, 32, 8, 1)},
     "fwd_decode": {128: (16, 32, 4, 1)},
-    "bwd_dkdv": {32: (16, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 16, 4, 1)},
+    "bwd_dkdv": {32: (16, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 4, 1)},
     "bwd_prefix_dkdv": {32: (16, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 16, 4, 1)},
     "bwd_dq": {64: (32, 32, 8, 1), 128: (16, 32, 4, 1)},
+}
+
+
+# Overrides for kernels with optional features on, per (arch, element bytes): only where the plain tile
+# spills once the dropout RNG and the softcap's tanh are live (kernel_report shows both flag sets).
+_FP32_FEATURED = {
+    "fwd_decode": {128: (16, 16, 4, 1)},
+    "bwd_dkdv": {32: (32, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 8, 1)},
+}
+_FEATURED_TILES = {
+    (90, 2): {
+        "bwd_dkdv": {64: (32, 64, 8, 2), 256: (32, 16, 8, 1)},
+        "bwd_prefix_dkdv": {64: (32, 64, 8, 2)},
+        "bwd_dq": {128: (128, 32, 8, 2)},
+    },
+    (80, 2): {
+        "bwd_dkdv": {32: (32, 64, 8, 2)},
+        "bwd_prefix_dkdv": {32: (32, 64, 8, 2)},
+        "bwd_dq": {64: (64, 32, 8, 2)},
+    },
+    (90, 4): _FP32_FEATURED,
+    (80, 4): _FP32_FEATURED,
 }
 
 
@@ -91,8 +116,12 @@ def arch_of(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None = None, arch: int = 90) -> TileConfig:
+def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None = None, arch: int = 90,
+                featured: bool = False) -> TileConfig:
     """The tile configuration shipped for ``kernel`` at this head dim, element size and architecture.
+
+    ``featured``: an optional feature (ALiBi, dropout, window, softcap) is on; where those kernels would
+    spill with the plain tile, ``_FEATURED_TILES`` holds a smaller one.
 
     Under the interpreter every kernel uses 32 x 32 tiles, which keeps CPU tests fast and still walks
     several tiles, and partial ones, at small shapes.
@@ -104,15 +133,20 @@ def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None =
         return TileConfig(64 if bd <= 128 and elem_bytes == 2 else 32, 16, 4, 1)
     if kernel == "fwd" and len_q is not None and len_q <= 16:
         kernel = "fwd_decode"
-    table = _FP32_TILES if elem_bytes >= 4 else _HALF_TILES[arch]
-    for max_bd, cfg in sorted(table[kernel].items()):
+    width = 4 if elem_bytes >= 4 else 2
+    table = _FP32_TILES if width == 4 else _HALF_TILES[arch]
+    entries = dict(table[kernel])
+    if featured:
+        entries.update(_FEATURED_TILES.get((arch, width), {}).get(kernel, {}))
+    for max_bd, cfg in sorted(entries.items()):
         if bd <= max_bd:
             return TileConfig(*cfg)
     raise ValueError(f"no {kernel} tile for head dim {head_dim} at {elem_bytes}-byte elements")
 
 
 def shipped_configs():
-    """Every (kernel, arch, BLOCK_D, dtype name, decode, TileConfig) the launchers can pick on a GPU."""
+    """Every (kernel, arch, BLOCK_D, dtype name, decode, featured, TileConfig) the launchers can pick on a
+    GPU; ``featured`` rows are compiled with every optional feature on."""
     rows = []
     for arch in ARCHS:
         for dtype in ("fp16", "bf16", "fp32"):
@@ -123,8 +157,9 @@ def shipped_configs():
                     continue
                 for kernel in KERNELS:
                     for decode in (False, True) if kernel == "fwd" else (False,):
-                        cfg = tile_config(kernel, bd, elem_bytes, 1 if decode else None, arch)
-                        rows.append((kernel, arch, bd, dtype, decode, cfg))
+                        for featured in (False, True):
+                            cfg = tile_config(kernel, bd, elem_bytes, 1 if decode else None, arch, featured)
+                            rows.append((kernel, arch, bd, dtype, decode, featured, cfg))
     return rows
 
 
@@ -170,7 +205,30 @@ def _device_ctx(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse):
+def _feature_args(features: Features, q: torch.Tensor):
+    """(pointers, scalars, constexpr flags) that pass ``features`` to the kernels; unused pointers are q."""
+    f = features
+    flags = {
+        "HAS_ALIBI": f.alibi_slopes is not None,
+        "HAS_ALIBI_OFF": f.alibi_offsets is not None,
+        "HAS_DROPOUT": f.dropout_p > 0,
+        "HAS_WINDOW": f.sliding_window is not None,
+        "HAS_SOFTCAP": f.softcap is not None,
+    }
+    ptrs = (
+        f.alibi_slopes if flags["HAS_ALIBI"] else q,
+        f.alibi_offsets if flags["HAS_ALIBI_OFF"] else q,
+        f.dropout_seed if flags["HAS_DROPOUT"] else q,
+    )
+    scalars = {"window": f.sliding_window or 0, "softcap": f.softcap or 1.0, "dropout_p": float(f.dropout_p)}
+    return ptrs, scalars, flags
+
+
+def _common_constexprs(dtype: torch.dtype) -> dict:
+    return {"UPCAST": _upcast(dtype), "USE_LIBDEVICE": not is_interpreting(), "PRECISION": precision(dtype)}
+
+
+def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse, features=NO_FEATURES):
     """out [B, Hq, Lq, D] laid out like q; lse [B, Hq, Lq] fp32, or [B, Hq, 0] if not need_lse."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -178,24 +236,35 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     pk = k if P == 0 else prefix_k
     pv = v if P == 0 else prefix_v
     mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
+    fptrs, fscalars, fflags = _feature_args(features, q)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32, device=q.device)
-    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device))
+    featured = any(fflags.values())
+    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device), featured)
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
     grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
     with _device_ctx(q):
         kern._attn_fwd_kernel[grid](
-            q, k, v, pk, pv, m, kv_lo if has_kpm else q, kv_hi if has_kpm else q, out, lse,
+            q, k, v, pk, pv, m, kv_lo if has_kpm else q, kv_hi if has_kpm else q, *fptrs, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *pk.stride()[-3:], *pv.stride()[-3:],
             *(mask_u8.stride() if has_kpm else (0, 0)), *out.stride(),
-            Hq, Lq, Lk, P, D, Hq // Hkv, scale * 1.4426950408889634,
-            IS_CAUSAL=causal, HAS_KPM=has_kpm, STORE_LSE=need_lse,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D),
-            UPCAST=_upcast(q.dtype), PRECISION=precision(q.dtype),
+            Hq, Lq, Lk, P, D, Hq // Hkv, scale, scale * LOG2E, **fscalars,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, STORE_LSE=need_lse, **fflags,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(D), **_common_constexprs(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads_q: int, len_q: int, n_cols: int, dropout_p: float,
+                      device: torch.device) -> torch.Tensor:
+    """The keep mask ``[B, Hq, Lq, P + Lk]`` bool that these kernels use for ``seed`` (debugging and tests)."""
+    mask = torch.empty((batch, heads_q, len_q, n_cols), dtype=torch.uint8, device=device)
+    grid = (triton.cdiv(len_q, 32), triton.cdiv(n_cols, 32), batch * heads_q)
+    with _device_ctx(mask):
+        kern._dropout_mask_kernel[grid](seed, mask, len_q, n_cols, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    return mask.bool()
 
 
 def _prefix_splits(units: int, programs_per_split: int, device: torch.device) -> int:
@@ -206,18 +275,19 @@ def _prefix_splits(units: int, programs_per_split: int, device: torch.device) ->
     return max(1, min(units, triton.cdiv(target, programs_per_split)))
 
 
-def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
+def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
+             features=NO_FEATURES):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v); prefix gradients are None when P = 0."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     P = 0 if prefix_k is None else prefix_k.shape[1]
     bd = block_d(D)
-    upcast = _upcast(q.dtype)
-    prec = precision(q.dtype)
-    qk_scale = scale * 1.4426950408889634
+    consts = _common_constexprs(q.dtype)
     arch = arch_of(q.device)
     mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
+    fptrs, fscalars, fflags = _feature_args(features, q)
+    featured = any(fflags.values())
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
     lo_ = kv_lo if has_kpm else q
@@ -225,40 +295,41 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     m_strides = mask_u8.stride() if has_kpm else (0, 0)
     has_dlse = dlse is not None and dlse.numel() > 0
     dlse_c = dlse.contiguous() if has_dlse else lse
+    scales = (scale, scale * LOG2E)
 
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     with _device_ctx(q):
-        cfg = tile_config("bwd_preprocess", D, q.element_size(), arch=arch)
+        cfg = tile_config("bwd_preprocess", D, q.element_size(), arch=arch, featured=featured)
         kern._attn_bwd_preprocess_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
             out, dout, dlse_c, delta, *out.stride(), *dout.stride(), Hq, Lq, D,
             HAS_DLSE=has_dlse, BLOCK_M=cfg.block_m, BLOCK_D=bd,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        cfg = tile_config("bwd_dkdv", D, q.element_size(), arch=arch)
+        cfg = tile_config("bwd_dkdv", D, q.element_size(), arch=arch, featured=featured)
         kern._attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
-            q, k, v, dout, lse, delta, m, lo_, hi_, dk, dv,
+            q, k, v, dout, lse, delta, m, lo_, hi_, *fptrs, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *m_strides, *dk.stride(), *dv.stride(),
-            Hq, Hkv, Lq, Lk, D, G, qk_scale, scale,
-            IS_CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-            UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            Hq, Hkv, Lq, Lk, P, D, G, *scales, **fscalars,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, **fflags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         pk = k if P == 0 else prefix_k
         pv = v if P == 0 else prefix_v
-        cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch)
+        cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch, featured=featured)
         kern._attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
-            q, k, v, pk, pv, dout, lse, delta, m, lo_, hi_, dq,
+            q, k, v, pk, pv, dout, lse, delta, m, lo_, hi_, *fptrs, dq,
             *q.stride(), *k.stride(), *v.stride(), *pk.stride()[-3:], *pv.stride()[-3:],
             *dout.stride(), *m_strides, *dq.stride(),
-            Hq, Lq, Lk, P, D, G, qk_scale, scale,
-            IS_CAUSAL=causal, HAS_KPM=has_kpm, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-            UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            Hq, Lq, Lk, P, D, G, *scales, **fscalars,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, **fflags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if P == 0:
             return dq, dk, dv, None, None
-        cfg = tile_config("bwd_prefix_dkdv", D, q.element_size(), arch=arch)
+        cfg = tile_config("bwd_prefix_dkdv", D, q.element_size(), arch=arch, featured=featured)
         n_tiles = triton.cdiv(P, cfg.block_n)
         units = B * G
         splits = _prefix_splits(units, n_tiles * Hkv, q.device)
@@ -267,11 +338,12 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         dpk_part = torch.empty((splits, Hkv, P, D), dtype=torch.float32, device=q.device)
         dpv_part = torch.empty_like(dpk_part)
         kern._attn_bwd_prefix_dkdv_kernel[(n_tiles, Hkv, splits)](
-            q, prefix_k, prefix_v, dout, lse, delta, dpk_part, dpv_part,
+            q, prefix_k, prefix_v, dout, lse, delta, fptrs[0], fptrs[2], dpk_part, dpv_part,
             *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
-            Hq, Hkv, Lq, P, D, G, units, per_split, qk_scale, scale,
+            Hq, Hkv, Lq, Lk, P, D, G, units, per_split, *scales, fscalars["softcap"], fscalars["dropout_p"],
+            HAS_ALIBI=fflags["HAS_ALIBI"], HAS_DROPOUT=fflags["HAS_DROPOUT"], HAS_SOFTCAP=fflags["HAS_SOFTCAP"],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-            UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     dpk = dpk_part.sum(dim=0).to(prefix_k.dtype)
     dpv = dpv_part.sum(dim=0).to(prefix_v.dtype)

@@ -2,19 +2,32 @@
 
 The prefix K/V ``[Hkv, P, D]`` and the input K/V ``[B, Hkv, Lk, D]`` are two sources of one online
 softmax: every kernel walks the prefix tiles (no masking but the P bound), then the input tiles
-(key padding and causality), never building ``[prefix ; input]``.
+(key padding, causality, sliding window), never building ``[prefix ; input]``.
+
+Optional features are constexpr flags of these kernels, not copies of them:
+- ALiBi: logit += slope[h] * position; prefix column p at p, input key j at P + j + offset[b].
+- dropout: a keep mask from Philox (tl.rand) keyed by one seed and the element's global index
+  ((b * Hq + h) * Lq + i) * (P + Lk) + column, so every pass, whatever its tiling, regenerates the
+  forward's mask without storing it.
+- sliding window W (causal): input key j visible to query i iff j > i + (Lk - Lq) - W.
+- softcap c: logit = c * tanh(scale * q.k / c), with its derivative in the backward.
 
 The head dim D is a compile-time constant (one specialisation per head dim in use, as in
 flash-attention): its masks then fold away when D is a power of two.
 
 Conventions: scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``), LSE is stored in
-natural log. Head dims are padded to ``BLOCK_D`` (a power of two) with masked loads. Optional
-features are constexpr flags of one kernel, not copies of it. Offsets of batch and head use int64.
-``UPCAST`` casts loaded operands to fp32 (used under TRITON_INTERPRET, whose dot mishandles bf16).
+natural log. Head dims are padded to ``BLOCK_D`` (a power of two) with masked loads. Offsets of batch
+and head use int64. ``UPCAST`` casts loaded operands to fp32 (used under TRITON_INTERPRET, whose dot
+mishandles bf16); ``USE_LIBDEVICE`` is off there too, since the interpreter has no libdevice.
 """
 
 import triton
 import triton.language as tl
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # older Triton
+    from triton.language.extra.cuda import libdevice
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -41,39 +54,95 @@ def _load_rows_t(base, rows, stride_r, stride_d, offs_d, n_rows, D: tl.constexpr
 
 
 @triton.jit
-def _visible(rows2, cols2, kpm_row, stride_mn, Lq, Lk, n_cols, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+def _tanh(x, USE_LIBDEVICE: tl.constexpr):
+    if USE_LIBDEVICE:
+        return libdevice.tanh(x)
+    else:
+        # Portable form: a series near 0 (where 1 - e^-2|x| cancels), the exponential form beyond.
+        ax = tl.abs(x)
+        e = tl.math.exp2(ax * (-2.0 * LOG2E))
+        big = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        t = tl.where(ax < 0.25, small, big)
+        return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _logits(x, pos, slope2, sm_scale, qk_scale, softcap,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
+    """Raw dot products x -> logits in base 2, plus the tanh term the softcap backward needs.
+
+    pos: ALiBi key positions (float32, broadcastable to x); slope2 = slope[h] * log2(e).
+    """
+    if HAS_SOFTCAP:
+        t = _tanh(x * (sm_scale / softcap), USE_LIBDEVICE)
+        s = t * (softcap * LOG2E)
+    else:
+        t = x
+        s = x * qk_scale
+    if HAS_ALIBI:
+        s = s + slope2 * pos
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, row_base, rows2, cols2, n_cols, dropout_p):
+    """Keep mask of dropout for rows2 x cols2 (broadcastable global indices) of one (batch, head)."""
+    offs = (row_base + rows2).to(tl.int64) * n_cols + cols2
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _visible(rows2, cols2, kpm_row, stride_mn, Lq, Lk, n_cols, window,
+             IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs are visible; rows2/cols2 are broadcastable row/column index tensors.
 
     A column is in range if < n_cols (P for prefix tiles, Lk for input tiles). For input tiles pass the
-    flags: key padding reads ``kpm_row[cols * stride_mn]``; causal keeps ``col <= row + Lk - Lq``.
+    flags: key padding reads ``kpm_row[cols * stride_mn]``; causal keeps ``col <= row + Lk - Lq``; a
+    sliding window also keeps ``col > row + Lk - Lq - window``.
     """
     ok = cols2 < n_cols
     if HAS_KPM:
         keep = tl.load(kpm_row + cols2 * stride_mn, mask=ok, other=0)
         ok = ok & (keep != 0)
     if IS_CAUSAL:
-        ok = ok & (cols2 <= rows2 + (Lk - Lq))
+        diag = rows2 + (Lk - Lq)
+        ok = ok & (cols2 <= diag)
+        if HAS_WINDOW:
+            ok = ok & (cols2 > diag - window)
     return ok
 
 
 @triton.jit
-def _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi) of the input columns a query block can see: padding bounds, then causality."""
+def _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the input columns a query block can see: padding bounds, causality, window."""
     lo = 0
     hi = Lk
     if HAS_KPM:
-        lo = (tl.load(KV_LO + b) // BLOCK_N) * BLOCK_N
+        lo = tl.load(KV_LO + b)
         hi = tl.load(KV_HI + b)
     if IS_CAUSAL:
         hi = tl.minimum(hi, m_start + BLOCK_M + (Lk - Lq))
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, m_start + (Lk - Lq) - window + 1)
+    lo = (tl.maximum(lo, 0) // BLOCK_N) * BLOCK_N
     return lo, hi
 
 
 @triton.jit
-def _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
-    """One online-softmax update of (row max, row sum, accumulator) with a key tile."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
+              slope2, sm_scale, qk_scale, softcap,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax update of (row max, row sum, accumulator) with a key tile.
+
+    The row sum takes every probability; the accumulator only the kept ones (dropout rescaling by
+    1 / (1 - p) is applied once at the end).
+    """
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s, _ = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows that have seen no visible key yet keep a zero shift, so exp2 never meets (-inf) - (-inf).
@@ -81,13 +150,16 @@ def _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, row_base, rows[:, None], cols_g[None, :], n_cols, dropout_p)
+        p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, O, LSE,
+    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -95,10 +167,12 @@ def _attn_fwd_kernel(
     stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    Hq, Lq, Lk, P, D: tl.constexpr, GROUP, qk_scale,
+    Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B * Hq). O [B, Hq, Lq, D]; LSE [B, Hq, Lq] fp32 contiguous."""
     pid_m = tl.program_id(0)
@@ -112,6 +186,14 @@ def _attn_fwd_kernel(
     rows = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    row_base = pid_bh.to(tl.int64) * Lq
+    n_cols = P + Lk
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + h) * LOG2E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -124,10 +206,15 @@ def _attn_fwd_kernel(
         cols = n0 + offs_n
         k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, P, D, UPCAST)
         v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, P, D, UPCAST)
-        ok = cols[None, :] < P
-        m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, PRECISION)
+        m_i, l_i, acc = _fwd_tile(q, k, v, cols[None, :] < P, cols.to(tl.float32), cols, m_i, l_i, acc, rows,
+                                  row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
+                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
 
-    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, IS_CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N)
+    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
+                              BLOCK_M, BLOCK_N)
+    pos_base = P
+    if HAS_ALIBI_OFF:
+        pos_base = P + tl.load(ALIBI_OFF + b).to(tl.int32)
     k_base = K + b64 * stride_kb + g * stride_kh
     v_base = V + b64 * stride_vb + g * stride_vh
     kpm_row = KPM + b64 * stride_mb
@@ -135,17 +222,22 @@ def _attn_fwd_kernel(
         cols = n0 + offs_n
         k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, Lk, D, UPCAST)
         v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, Lk, D, UPCAST)
-        ok = _visible(rows[:, None], cols[None, :], kpm_row, stride_mn, Lq, Lk, Lk, IS_CAUSAL, HAS_KPM)
-        m_i, l_i, acc = _softmax_step(q, k, v, ok, m_i, l_i, acc, qk_scale, PRECISION)
+        ok = _visible(rows[:, None], cols[None, :], kpm_row, stride_mn, Lq, Lk, Lk, window,
+                      IS_CAUSAL, HAS_KPM, HAS_WINDOW)
+        m_i, l_i, acc = _fwd_tile(q, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, m_i, l_i, acc, rows,
+                                  row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
+                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
 
     # A row that saw no key (P = 0, every key masked) has l_i = 0: output zeros and LSE = -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
     o_ptrs = O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
     if STORE_LSE:
         lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-        tl.store(LSE + pid_bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
+        tl.store(LSE + row_base + rows, lse, mask=rows < Lq)
 
 
 @triton.jit
@@ -174,17 +266,20 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_accumulate(
-    dk, dv, k, v, cols, n_cols,
-    q_bh, do_bh, lse_bh, delta_bh, kpm_row,
+    dk, dv, k, v, cols, cols_g, pos, n_cols, n_cols_total,
+    q_bh, do_bh, lse_bh, delta_bh, kpm_row, row_base, seed, slope2,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_mn,
-    m_lo, m_hi, Lq, Lk, D: tl.constexpr, qk_scale,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    m_lo, m_hi, Lq, Lk, D: tl.constexpr, sm_scale, qk_scale, window, softcap, dropout_p,
+    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Add one (batch row, query head)'s contribution over query rows [m_lo, m_hi) to a key tile's dK, dV.
 
-    Works on the transposed scores sT [BLOCK_N, BLOCK_M] so that dK and dV accumulate as plain dots.
-    dK is returned without the softmax scale (the caller applies it once).
+    Works on the transposed scores [BLOCK_N, BLOCK_M] so that dK and dV accumulate as plain dots.
+    cols index the tile within its source (bound n_cols), cols_g are the global columns of
+    [prefix ; input] (dropout), pos the ALiBi positions. dK is returned without the softmax scale.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -194,20 +289,31 @@ def _dkdv_accumulate(
         do = _load_rows(do_bh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
         lse2 = tl.load(lse_bh + rows, mask=rows < Lq, other=0.0) * LOG2E
         delta = tl.load(delta_bh + rows, mask=rows < Lq, other=0.0)
-        sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale
-        ok = _visible(rows[None, :], cols[:, None], kpm_row, stride_mn, Lq, Lk, n_cols, IS_CAUSAL, HAS_KPM)
+        xT = tl.dot(k, qT, input_precision=PRECISION)
+        sT, tT = _logits(xT, pos[:, None], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI,
+                         USE_LIBDEVICE)
+        ok = _visible(rows[None, :], cols[:, None], kpm_row, stride_mn, Lq, Lk, n_cols, window,
+                      IS_CAUSAL, HAS_KPM, HAS_WINDOW)
         ok = ok & (rows[None, :] < Lq)
         pT = tl.where(ok, tl.math.exp2(sT - lse2[None, :]), 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, row_base, rows[None, :], cols_g[:, None], n_cols_total, dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv = tl.dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dpT = tl.where(keep, dpT * inv_keep, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -215,10 +321,12 @@ def _attn_bwd_dkdv_kernel(
     stride_mb, stride_mn,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, Lq, Lk, D: tl.constexpr, GROUP, qk_scale, sm_scale,
+    Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of the input keys. Grid (cdiv(Lk, BLOCK_N), B * Hkv); each program owns one key tile and
     loops over the GROUP query heads that share it, so GQA needs no atomics and no repeated K/V."""
@@ -239,24 +347,38 @@ def _attn_bwd_dkdv_kernel(
     m_lo = 0
     m_hi = Lq
     if IS_CAUSAL:
-        # The first query that sees column n0 is n0 - (Lk - Lq).
+        # The first query that sees column n0 is n0 - (Lk - Lq); with a window W, the last query that
+        # sees the tile's last column n0 + BLOCK_N - 1 is that column - (Lk - Lq) + W - 1.
         m_lo = (tl.maximum(n0 - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
+        if HAS_WINDOW:
+            m_hi = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - (Lk - Lq) + window, 0), Lq)
     if HAS_KPM:
         # A tile wholly outside [first kept key, last kept key] contributes nothing.
         kv_lo = tl.load(KV_LO + b)
         kv_hi = tl.load(KV_HI + b)
-        m_hi = tl.where((n0 + BLOCK_N <= kv_lo) | (n0 >= kv_hi), 0, Lq)
+        m_hi = tl.where((n0 + BLOCK_N <= kv_lo) | (n0 >= kv_hi), 0, m_hi)
+    pos_base = P
+    if HAS_ALIBI_OFF:
+        pos_base = P + tl.load(ALIBI_OFF + b).to(tl.int32)
+    pos = (pos_base + cols).to(tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     kpm_row = KPM + b64 * stride_mb
     for hh in range(0, GROUP):
         h64 = g64 * GROUP + hh
         bh = b64 * Hq + h64
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + h64) * LOG2E
         dk, dv = _dkdv_accumulate(
-            dk, dv, k, v, cols, Lk,
+            dk, dv, k, v, cols, P + cols, pos, Lk, P + Lk,
             Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
-            LSE + bh * Lq, DELTA + bh * Lq, kpm_row,
+            LSE + bh * Lq, DELTA + bh * Lq, kpm_row, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod, stride_mn,
-            m_lo, m_hi, Lq, Lk, D, qk_scale,
-            IS_CAUSAL, HAS_KPM, BLOCK_M, BLOCK_D, UPCAST, PRECISION,
+            m_lo, m_hi, Lq, Lk, D, sm_scale, qk_scale, window, softcap, dropout_p,
+            IS_CAUSAL, HAS_KPM, HAS_ALIBI, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP,
+            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
         )
     dk = dk * sm_scale
     tile_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
@@ -268,21 +390,23 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_prefix_dkdv_kernel(
-    Q, PK, PV, DO, LSE, DELTA, DPK_PART, DPV_PART,
+    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, DPK_PART, DPV_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_pkh, stride_pkn, stride_pkd,
     stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    Hq, Hkv, Lq, P, D: tl.constexpr, GROUP, UNITS, UNITS_PER_SPLIT, qk_scale, sm_scale,
+    Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, UNITS, UNITS_PER_SPLIT, sm_scale, qk_scale, softcap, dropout_p,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Gradient of the shared prefix, reduced in-kernel over batch rows and query heads.
 
     Grid (cdiv(P, BLOCK_N), Hkv, SPLITS). The B * GROUP (batch row, query head) units of kv head g are
     cut into SPLITS contiguous ranges; each program sums its range into one fp32 partial
     DPK_PART[split, g, P, D] (contiguous). The host adds the SPLITS partials in a fixed order, so the
-    result is deterministic and memory is SPLITS (not B) copies of the prefix.
+    result is deterministic and memory is SPLITS (not B) copies of the prefix. The prefix is visible to
+    every query, so no padding, causality or window applies here.
     """
     pid_n = tl.program_id(0)
     g64 = tl.program_id(1).to(tl.int64)
@@ -293,19 +417,27 @@ def _attn_bwd_prefix_dkdv_kernel(
     v = _load_rows(PV + g64 * stride_pvh, cols, stride_pvn, stride_pvd, offs_d, P, D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    pos = cols.to(tl.float32)
     u_lo = split * UNITS_PER_SPLIT
     u_hi = tl.minimum(u_lo + UNITS_PER_SPLIT, UNITS)
     for u in range(u_lo, u_hi):
         b64 = (u // GROUP).to(tl.int64)
         h64 = g64 * GROUP + u % GROUP
         bh = b64 * Hq + h64
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + h64) * LOG2E
         dk, dv = _dkdv_accumulate(
-            dk, dv, k, v, cols, P,
+            dk, dv, k, v, cols, cols, pos, P, P + Lk,
             Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
-            LSE + bh * Lq, DELTA + bh * Lq, Q,
+            LSE + bh * Lq, DELTA + bh * Lq, Q, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod, 0,
-            0, Lq, Lq, P, D, qk_scale,
-            False, False, BLOCK_M, BLOCK_D, UPCAST, PRECISION,
+            0, Lq, Lq, Lk, D, sm_scale, qk_scale, 0, softcap, dropout_p,
+            False, False, HAS_ALIBI, HAS_DROPOUT, False, HAS_SOFTCAP,
+            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
         )
     dk = dk * sm_scale
     part = (split.to(tl.int64) * Hkv + g64) * P * D
@@ -316,17 +448,26 @@ def _attn_bwd_prefix_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, ok, lse2, delta, qk_scale, PRECISION: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2,
+             sm_scale, qk_scale, softcap, dropout_p,
+             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s, t = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
     p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, row_base, rows[:, None], cols_g[None, :], n_cols, dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -335,10 +476,12 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Lq, Lk, P, D: tl.constexpr, GROUP, qk_scale, sm_scale,
+    Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ. Grid (cdiv(Lq, BLOCK_M), B * Hq); walks the same tiles as the forward."""
     pid_m = tl.program_id(0)
@@ -352,10 +495,17 @@ def _attn_bwd_dq_kernel(
     rows = m_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    row_base = pid_bh.to(tl.int64) * Lq
+    n_cols = P + Lk
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + h) * LOG2E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
     do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
-    row_base = pid_bh.to(tl.int64) * Lq
     lse2 = tl.load(LSE + row_base + rows, mask=rows < Lq, other=0.0) * LOG2E
     delta = tl.load(DELTA + row_base + rows, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -364,9 +514,15 @@ def _attn_bwd_dq_kernel(
         cols = n0 + offs_n
         k = _load_rows(PK + g * stride_pkh, cols, stride_pkn, stride_pkd, offs_d, P, D, UPCAST)
         v = _load_rows(PV + g * stride_pvh, cols, stride_pvn, stride_pvd, offs_d, P, D, UPCAST)
-        dq = _dq_step(dq, q, do, k, v, cols[None, :] < P, lse2, delta, qk_scale, PRECISION)
+        dq = _dq_tile(dq, q, do, k, v, cols[None, :] < P, cols.to(tl.float32), cols, rows, row_base, seed, n_cols,
+                      lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
+                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
 
-    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, IS_CAUSAL, HAS_KPM, BLOCK_M, BLOCK_N)
+    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
+                              BLOCK_M, BLOCK_N)
+    pos_base = P
+    if HAS_ALIBI_OFF:
+        pos_base = P + tl.load(ALIBI_OFF + b).to(tl.int32)
     k_base = K + b64 * stride_kb + g * stride_kh
     v_base = V + b64 * stride_vb + g * stride_vh
     kpm_row = KPM + b64 * stride_mb
@@ -374,9 +530,24 @@ def _attn_bwd_dq_kernel(
         cols = n0 + offs_n
         k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, Lk, D, UPCAST)
         v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, Lk, D, UPCAST)
-        ok = _visible(rows[:, None], cols[None, :], kpm_row, stride_mn, Lq, Lk, Lk, IS_CAUSAL, HAS_KPM)
-        dq = _dq_step(dq, q, do, k, v, ok, lse2, delta, qk_scale, PRECISION)
+        ok = _visible(rows[:, None], cols[None, :], kpm_row, stride_mn, Lq, Lk, Lk, window,
+                      IS_CAUSAL, HAS_KPM, HAS_WINDOW)
+        dq = _dq_tile(dq, q, do, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, rows, row_base, seed,
+                      n_cols, lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
+                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
 
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, MASK, Lq, n_cols, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Debug aid: writes the keep mask [B, Hq, Lq, P + Lk] (uint8) that the kernels above use.
+    Grid (cdiv(Lq, BLOCK_M), cdiv(n_cols, BLOCK_N), B * Hq)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_base = tl.program_id(2).to(tl.int64) * Lq
+    keep = _dropout_keep(tl.load(SEED), row_base, rows[:, None], cols[None, :], n_cols, dropout_p)
+    ptrs = MASK + (row_base + rows[:, None]) * n_cols + cols[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(rows[:, None] < Lq) & (cols[None, :] < n_cols))
