@@ -21,7 +21,7 @@ lint:
 
 test: install-test
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadgroup
 
 report: install
 	env -u TRITON_INTERPRET $(PYTHON) -m prefix_kernels report
