@@ -1,0 +1,32 @@
+"""Smoke tests of the benchmark harnesses: they run (--quick) and write their CSV rows and plots."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.xdist_group("benchmarks")
+def test_bench_attention_quick_writes_rows_and_plots(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    csvs = [f for f in os.listdir(tmp_path) if f.endswith(".csv")]
+    pngs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
+    assert len(csvs) == 1 and len(pngs) == 3
+    with open(tmp_path / csvs[0]) as f:
+        rows = list(csv.DictReader(f))
+    providers = {r["provider"] for r in rows}
+    assert {"prefix_kernels[torch]", "concat+sdpa"} <= providers
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(rows) > 0
+    for r in ok:
+        assert float(r["median_ms"]) > 0 and float(r["tflops"]) > 0
+        assert r["device"] and r["torch"] and r["commit"]
+    for png in pngs:
+        assert (tmp_path / png).stat().st_size > 10_000
