@@ -10,6 +10,7 @@ report  the static kernel report (compiles every shipped Triton kernel for sm80/
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -87,53 +88,33 @@ def _parity(device) -> bool:
     return all_ok
 
 
-def _providers(inp: dict, causal: bool):
-    """prefix_attention and the concat + SDPA path users write today, on the same inputs."""
+def _fwd_bwd(step, leaves, grad_out):
     import torch
-    import torch.nn.functional as F
 
-    from prefix_kernels import prefix_attention
-
-    q, k, v, pk, pv, mask = (inp[n] for n in ("q", "k", "v", "prefix_k", "prefix_v", "key_padding_mask"))
-    B, H, L, _ = q.shape
-    P = pk.shape[1]
-
-    def ours():
-        return prefix_attention(q, k, v, pk, pv, causal=causal, key_padding_mask=mask)
-
-    def concat_sdpa():
-        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], 2)
-        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], 2)
-        vis = torch.cat([mask.new_ones(B, P), mask], 1)[:, None, None, :]
-        if causal:
-            tri = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-            vis = vis & torch.cat([tri.new_ones(L, P), tri], 1)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=vis, enable_gqa=H != k.shape[1])
-
-    return ours, concat_sdpa
+    return torch.autograd.grad(step(), leaves, grad_out)
 
 
 def _timing_rows(device, shapes, quick: bool):
+    """Time prefix_attention (the backend "auto" picks) beside concatenating the prefix and calling SDPA."""
     import torch
 
     from prefix_kernels import select_backend
     from prefix_kernels._timing import measure
-    from prefix_kernels.testing import make_inputs
+    from prefix_kernels.perf import Shape, make_tensors, ours, sdpa
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
-    for i, (B, H, Hkv, L, P, D, causal) in enumerate(shapes, 1):
-        inp = make_inputs(B, H, Hkv, L, L, P, D, dtype=dtype, device=device, padding="right")
-        leaves = [inp[n].requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-        backend = select_backend(*leaves, causal=causal, key_padding_mask=inp["key_padding_mask"])
-        grad_out = torch.randn(B, H, L, D, device=device, dtype=dtype)
+    for i, dims in enumerate(shapes, 1):
+        shape = Shape(*dims)
+        leaves = make_tensors(shape, dtype, device)
+        backend = select_backend(*leaves, causal=shape.causal)
+        grad_out = torch.randn(leaves[0].shape, device=device, dtype=dtype)
         reps = 3 if quick else 10
-        ours, concat_sdpa = _providers(inp, causal)
-        for name, fn in ((f"prefix_attention[{backend}]", ours), ("concat + SDPA", concat_sdpa)):
-            fwd = measure(fn, device, warmup=1, reps=reps)
-            full = measure(lambda fn=fn, leaves=leaves, g=grad_out: torch.autograd.grad(fn(), leaves, g), device,
-                           warmup=1, reps=reps)
-            rows.append((B, H, Hkv, L, P, D, causal, name, fwd, full))
+        for name, fn in ((f"prefix_attention[{backend}]", ours()), ("concat + SDPA", sdpa())):
+            step = functools.partial(fn, *leaves, shape.causal)
+            fwd = measure(step, device, warmup=1, reps=reps)
+            full = measure(functools.partial(_fwd_bwd, step, leaves, grad_out), device, warmup=1, reps=reps)
+            rows.append((shape, name, fwd, full))
         print(f"\r  [{i}/{len(shapes)}] shapes timed", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return dtype, rows
@@ -143,19 +124,20 @@ def _print_timing(device, dtype, rows):
     import torch
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
-    print(f"  device: {where}; dtype {str(dtype)[6:]}; right-padded batches; median ms [20%, 80%]")
+    print(f"  device: {where}; dtype {str(dtype)[6:]}; median ms [20%, 80%]")
     print(f"  {'B':>3} {'H/Hkv':>6} {'L':>5} {'P':>4} {'D':>4} {'mask':6} {'provider':28} {'forward':>22} "
           f"{'fwd+bwd':>22} {'peak MiB':>9}")
-    for B, H, Hkv, L, P, D, causal, name, fwd, full in rows:
+    for shape, name, fwd, full in rows:
         peak = f"{full.peak_mib:9.1f}" if full.peak_mib is not None else f"{'n/a':>9}"
-        print(f"  {B:>3} {f'{H}/{Hkv}':>6} {L:>5} {P:>4} {D:>4} {'causal' if causal else 'full':6} {name:28} "
+        heads = f"{shape.heads_q}/{shape.heads_kv}"
+        print(f"  {shape.batch:>3} {heads:>6} {shape.seq:>5} {shape.prefix:>4} {shape.head_dim:>4} "
+              f"{'causal' if shape.causal else 'full':6} {name:28} "
               f"{fwd.median_ms:8.3f} [{fwd.p20_ms:.3f}, {fwd.p80_ms:.3f}] "
               f"{full.median_ms:8.3f} [{full.p20_ms:.3f}, {full.p80_ms:.3f}] {peak}")
-    pairs = [(rows[i], rows[i + 1]) for i in range(0, len(rows), 2)]
-    for ours, base in pairs:
-        print(f"  L={ours[3]:>5} P={ours[4]:>3} {'causal' if ours[6] else 'full':6}: ours/concat+SDPA time ratio "
-              f"forward {ours[8].median_ms / base[8].median_ms:.2f}, "
-              f"fwd+bwd {ours[9].median_ms / base[9].median_ms:.2f}")
+    for (shape, _, fwd, full), (_, _, base_fwd, base_full) in zip(rows[::2], rows[1::2], strict=True):
+        print(f"  L={shape.seq:>5} P={shape.prefix:>3} {'causal' if shape.causal else 'full':6}: ours/concat+SDPA "
+              f"time ratio forward {fwd.median_ms / base_fwd.median_ms:.2f}, "
+              f"fwd+bwd {full.median_ms / base_full.median_ms:.2f}")
 
 
 def cmd_demo(args) -> int:
