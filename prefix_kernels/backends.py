@@ -129,10 +129,10 @@ register(
 register(
     Backend(
         name="torch",
-        description="stock PyTorch: one SDPA call over [prefix ; input], explicit fp32 backward",
+        description="stock PyTorch: fused CPU attention kernels over [prefix ; input], else explicit fp32 math",
         device_reasons=_torch_device_reasons,
         input_reasons=_torch_input_reasons,
-        lse_for_backward=False,
+        lse_for_backward=True,
         _impl=_import_torch_impl,
     )
 )

@@ -145,3 +145,19 @@ def test_reference_gradcheck():
         return out, lse
 
     assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU behaviour")
+def test_cpu_torch_backend_runs_the_fused_kernels():
+    """Plain CPU calls take PyTorch's fused CPU attention forward and backward (no explicit softmax), and an
+    unused LSE sends no gradient that would force the explicit path."""
+    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=33, len_k=33, prefix_len=8, head_dim=32,
+                         padding="right")
+    leaves = [inputs[n].requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    with torch.profiler.profile() as prof:
+        out = prefix_attention(*leaves, causal=True, key_padding_mask=inputs["key_padding_mask"], backend="torch")
+        out.square().sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten::_softmax" not in ops

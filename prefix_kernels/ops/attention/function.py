@@ -102,9 +102,13 @@ def _setup_context(ctx, inputs, output):
                           out, lse)
     ctx.args = (causal, softmax_scale, dropout_p, sliding_window, softcap, backend)
     ctx.has_prefix = prefix_k is not None
+    # An unused LSE then arrives as None rather than a tensor of zeros (no dLSE pass in the kernels).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
+    if dout is None:  # only the LSE was used
+        dout = torch.zeros_like(ctx.saved_tensors[-2])
     if dlse is not None and dlse.numel() == 0:
         dlse = None
     dq, dk, dv, dpk, dpv = attention_bwd(dout, dlse, *ctx.saved_tensors, *ctx.args)

@@ -1,13 +1,14 @@
 """The torch backend: prefix attention from stock PyTorch ops, for CPUs and as the universal fallback.
 
-Forward: one ``scaled_dot_product_attention`` call over ``[prefix ; input]`` (the prefix is broadcast
-into one concatenated K/V, the mask is built once at its broadcastable size, GQA goes through SDPA's
-``enable_gqa`` without repeating K/V). When the log-sum-exp is asked for, or an optional feature
-(ALiBi, dropout, sliding window, softcap) is on, an explicit fp32 softmax is used instead: SDPA
-returns no LSE and cannot reproduce our dropout mask or the softcap.
+On the CPU, without optional features: PyTorch's fused CPU flash-attention kernels over
+``[prefix ; input]`` (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward, which
+SDPA itself uses), with the prefix broadcast into one concatenated K/V and the mask built once at its
+broadcastable size. They return the LSE for free, and their backward is the one SDPA's autograd runs.
 
-Backward: the explicit softmax gradient in fp32, with the query heads of a group folded into one
-matmul so that K/V are never repeated; the prefix gradient is reduced over the batch by a sum.
+Elsewhere (CUDA tensors, ALiBi, dropout, sliding window, softcap, or a gradient flowing into the LSE):
+an explicit fp32 softmax forward and backward, with the query heads of a group folded into one matmul
+so that K/V are never repeated; the prefix gradient is reduced over the batch by a sum. A CUDA forward
+that needs no LSE uses one ``scaled_dot_product_attention`` call instead.
 
 The dropout mask is drawn from a torch.Generator seeded with the call's seed, so the backward
 regenerates the forward's mask (it differs from the Triton backend's Philox stream).
@@ -81,6 +82,32 @@ class _Logits:
         return torch.where(self.keep, x * self.keep_scale, torch.zeros_like(x))
 
 
+def _is_plain(features: Features) -> bool:
+    return (features.alibi_slopes is None and features.dropout_p == 0 and features.sliding_window is None
+            and features.softcap is None)
+
+
+def _use_cpu_flash(q: torch.Tensor, features: Features) -> bool:
+    """PyTorch's fused CPU attention kernels serve plain CPU calls (when this torch has them)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _is_plain(features) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal):
+    """Concatenated K/V repeated to Hq heads (the CPU kernels take no GQA), the additive mask, and the
+    bool visibility mask (None when everything is visible)."""
+    Hq, Hkv, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[1]
+    k_all, v_all = _concat_prefix(k, prefix_k), _concat_prefix(v, prefix_v)
+    if Hq != Hkv:
+        k_all, v_all = k_all.repeat_interleave(Hq // Hkv, 1), v_all.repeat_interleave(Hq // Hkv, 1)
+    visible = visibility_mask(Lq, Lk, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    additive = None
+    if visible is not None:
+        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    return k_all, v_all, additive, visible
+
+
 def _into(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Return ``result`` in ``like``'s dtype and memory layout (what the fake implementation promises)."""
     out = torch.empty_like(like)
@@ -95,8 +122,15 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     P = 0 if prefix_k is None else prefix_k.shape[1]
     k_all = _concat_prefix(k, prefix_k)
     v_all = _concat_prefix(v, prefix_v)
-    plain = (features.alibi_slopes is None and features.dropout_p == 0 and features.sliding_window is None
-             and features.softcap is None)
+    if _use_cpu_flash(q, features):
+        k_all, v_all, additive, visible = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_all, v_all, attn_mask=additive,
+                                                                             scale=scale)
+        if visible is not None and P == 0:
+            # The kernel reports 0 for a row that sees no key; the contract says -inf.
+            lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
+        return _into(out, q), lse.contiguous() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
+    plain = _is_plain(features)
     if need_lse or not plain:
         cdt = _compute_dtype(q.dtype)
         logits = _Logits(q.to(cdt), k_all.to(cdt), key_padding_mask, causal, scale, features, Lk)
@@ -115,12 +149,22 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
              features=NO_FEATURES):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v); the prefix ones are None when there is no prefix.
 
-    The softmax is recomputed in fp32, so the forward's ``out`` and ``lse`` are not needed.
+    The CPU kernels' backward uses the forward's ``out`` and ``lse``; the explicit path recomputes the
+    softmax in fp32 and needs neither.
     """
-    Hq = q.shape[1]
+    B, Hq = q.shape[:2]
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     P = 0 if prefix_k is None else prefix_k.shape[1]
+    if _use_cpu_flash(q, features) and (dlse is None or dlse.numel() == 0) and lse.numel() > 0:
+        k_all, v_all, additive, _ = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+        lse_k = lse.masked_fill(torch.isneginf(lse), 0.0)  # back to the kernel's convention for empty rows
+        dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k_all, v_all, out, lse_k, 0.0, False, attn_mask=additive, scale=scale)
+        n_all = P + Lk
+        dk_all = dk_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dk_all
+        dv_all = dv_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dv_all
+        return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P)
     cdt = _compute_dtype(q.dtype)
     k_all = _concat_prefix(k, prefix_k).to(cdt)
     v_all = _concat_prefix(v, prefix_v).to(cdt)
@@ -139,12 +183,17 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         dscores = dscores * (1.0 - logits.tanh.square())
     dq = torch.matmul(dscores, k_all.unsqueeze(2)).flatten(1, 2) * scale
     dk_all = torch.matmul(dscores.transpose(-1, -2), q5).sum(dim=2) * scale
+    return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P)
 
+
+def _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P):
+    """Gradients of [prefix ; input] K/V -> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' layouts,
+    the prefix ones summed over the batch (accumulated in fp32)."""
     dq = _into(dq, q)
     dk = _into(dk_all[:, :, P:], k)
     dv = _into(dv_all[:, :, P:], v)
     if P == 0:
         return dq, dk, dv, None, None
-    dpk = dk_all[:, :, :P].sum(dim=0).to(prefix_k.dtype)
-    dpv = dv_all[:, :, :P].sum(dim=0).to(prefix_v.dtype)
+    dpk = dk_all[:, :, :P].sum(dim=0, dtype=torch.float32).to(prefix_k.dtype)
+    dpv = dv_all[:, :, :P].sum(dim=0, dtype=torch.float32).to(prefix_v.dtype)
     return dq, dk, dv, dpk, dpv
