@@ -1,0 +1,64 @@
+"""The static kernel report: every shipped Triton configuration compiles for sm80 and sm90, fits shared
+memory, uses tensor cores and does not spill. Runs in a subprocess without TRITON_INTERPRET."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "prefix_kernels.kernel_report", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_every_shipped_configuration_is_reported(report):
+    from prefix_kernels.ops.attention.triton_impl import shipped_configs
+
+    _, data = report
+    assert len(data["rows"]) == len(shipped_configs())
+    kinds = {(r["kernel"], r["arch"], r["dtype"]) for r in data["rows"]}
+    for kernel in ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq"):
+        for arch in (80, 90):
+            for dtype in ("fp16", "bf16", "fp32"):
+                assert (kernel, arch, dtype) in kinds
+
+
+def test_all_compile_fit_use_tensor_cores_and_do_not_spill(report):
+    proc, data = report
+    bad = [r for r in data["rows"] if not r["ok"]]
+    assert not bad, proc.stdout[-4000:]
+    limits = {80: 166912, 90: 232448}
+    for r in data["rows"]:
+        assert not r["error"]
+        assert 0 <= r["shared"] <= limits[r["arch"]]
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0
+        assert 0 < r["registers"] <= 255
+        if r["kernel"] != "bwd_preprocess":
+            assert r["tensor_cores"] in ("mma", "wgmma")
+    assert proc.returncode == 0
+
+
+def test_hopper_hot_paths_use_wgmma(report):
+    """The large half-precision forward and dQ tiles on sm90 must use Hopper's warpgroup MMA."""
+    _, data = report
+    for r in data["rows"]:
+        if r["arch"] == 90 and r["dtype"] in ("fp16", "bf16") and r["block_m"] >= 64 and r["block_d"] in (64, 128) \
+                and r["kernel"] in ("fwd", "bwd_dq") and not r["decode"]:
+            assert r["tensor_cores"] == "wgmma", r
+
+
+def test_report_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "prefix_kernels.kernel_report", "--arch", "80"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unset TRITON_INTERPRET" in proc.stderr
