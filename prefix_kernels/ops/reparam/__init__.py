@@ -7,7 +7,7 @@ import torch
 
 from .inputs import PEFT_NAMES, ReparamSpec, check_config, check_params
 from .reference import project_prefix_ref, to_prefix_layout
-from .select import select
+from .selection import select
 
 __all__ = ["ReparamSpec", "check_config", "check_params", "project_prefix", "project_prefix_ref", "select_backend",
            "to_prefix_layout"]
