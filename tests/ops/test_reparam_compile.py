@@ -77,3 +77,17 @@ def test_compile_fullgraph_frozen_inference_skips_the_cache():
     with torch.no_grad():
         enc.transform[2].bias.add_(1.0)
     torch.testing.assert_close(compiled(), enc() * 2)
+
+
+def test_compile_fullgraph_under_autocast():
+    """The compute dtype (autocast's) is decided at trace time and the prefix comes out in it."""
+    torch._dynamo.reset()
+    enc = PrefixEncoder(3, 2, 2, 16, prefix_projection=True, encoder_hidden_size=8, backend="torch")
+
+    def prefix():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return enc()
+
+    got = torch.compile(prefix, fullgraph=True, backend="aot_eager")()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, prefix())
