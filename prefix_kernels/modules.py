@@ -104,6 +104,12 @@ class PrefixEncoder(nn.Module):
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"prefix_projection={self.prefix_projection}{extra}, prefix_dropout={self.prefix_dropout}")
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() swap the parameters' storage: drop the cached prefix at once, so that
+        # it does not keep the old storage alive until the next forward.
+        self._cache = None
+        return super()._apply(fn, recurse)
+
     def _params(self) -> tuple[torch.Tensor, ...]:
         if not self.prefix_projection:
             return (self.embedding.weight,)

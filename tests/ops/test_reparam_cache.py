@@ -120,6 +120,7 @@ def test_cache_invalidates_when_a_parameter_tensor_is_swapped(calls):
     assert calls["n"] == 2
     torch.testing.assert_close(after, _expected(enc))
     enc.to(torch.float64)
+    assert enc._cache is None  # dropped by the cast itself, so the old storage is freed now
     assert enc().dtype == torch.float64 and calls["n"] == 3
 
 
