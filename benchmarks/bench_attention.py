@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                 flops = {"fwd": shape.forward_flops(), "bwd": shape.backward_flops(),
                          "full": shape.forward_flops() + shape.backward_flops()}[mode]
                 rows.append({**base, "mode": mode, "median_ms": round(t.median_ms, 4), "p20_ms": round(t.p20_ms, 4),
-                             "p80_ms": round(t.p80_ms, 4), "tflops": round(flops / t.median_ms / 1e9, 3),
+                             "p80_ms": round(t.p80_ms, 4), "tflops": float(f"{flops / t.median_ms / 1e9:.4g}"),
                              "peak_mib": "" if t.peak_mib is None else round(t.peak_mib, 1), "status": "ok"})
             if device.type == "cuda":
                 torch.cuda.empty_cache()

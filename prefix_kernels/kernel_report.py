@@ -1,15 +1,17 @@
 """Static report of the shipped Triton kernels, with no GPU needed.
 
-Every tile configuration the launchers can pick (``triton_impl.shipped_configs``) is compiled ahead of
-time for sm80 and sm90 with the signature a real launch would have (16-byte aligned pointers and
-strides, a unit head-dim stride), in two flag sets: the plain path (causal with padding) and every
-optional feature on (ALiBi, dropout, window, softcap: the most state live), each with the tiles the
-launcher picks for it. For each we report shared memory against the architecture's limit, registers
-and stack (spill) bytes of the cubin Triton really built (read with its bundled cuobjdump, so the
-ptxas options Triton uses are the ones measured), and whether the PTX uses tensor cores
-(``mma.sync`` / ``wgmma``).
+Every tile configuration the launchers can pick (``shipped_configs`` of ``ops.attention.triton_impl``
+and of ``ops.reparam.triton_impl``) is compiled ahead of time for sm80 and sm90 with the signature a
+real launch would have (16-byte aligned pointers and strides, unit strides where the tensors are
+contiguous). Attention tiles are built in two flag sets: the plain path (causal with padding) and
+every optional feature on (ALiBi, dropout, window, softcap: the most state live), each with the tiles
+the launcher picks for it; the reparameterization kernels in each launch role with its own flags and
+pointer dtypes. For each we report shared memory against the architecture's limit, registers and
+stack (spill) bytes of the cubin Triton really built (read with its bundled cuobjdump, so the ptxas
+options Triton uses are the ones measured), and whether the PTX uses tensor cores (``mma.sync`` /
+``wgmma``).
 
-    python -m prefix_kernels.kernel_report [--arch 80 90] [--json out.json] [--jobs N]
+    python -m prefix_kernels.kernel_report [--arch 80 90] [--only reparam_] [--json out.json] [--jobs N]
 
 Must run without TRITON_INTERPRET (the interpreter cannot compile); the tests call it in a subprocess.
 """
@@ -38,8 +40,10 @@ KERNEL_FUNCTIONS = {
     "bwd_prefix_dkdv": "_attn_bwd_prefix_dkdv_kernel",
     "bwd_dq": "_attn_bwd_dq_kernel",
 }
+# Reparameterization rows are named "reparam_" + the launch role of ops.reparam.triton_impl.
+REPARAM = "reparam_"
 # Kernels without a matrix product (no tensor cores expected).
-NO_DOT = {"bwd_preprocess"}
+NO_DOT = {"bwd_preprocess", REPARAM + "bwd_dz"}
 POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
                  "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ALIBI": "*fp32", "ALIBI_OFF": "*i32",
                  "SEED": "*i64"}
@@ -67,6 +71,8 @@ class Row:
     num_stages: int
     variant: str = "plain"
     head_dim: int = 0  # 0: the head dim equals block_d
+    block_k: int = 0  # reparam: the reduction step (0 for attention)
+    compute: str = ""  # reparam: the compute dtype when it differs from the parameters' dtype (autocast)
     shared: int = -1
     smem_limit: int = 0
     registers: int = -1
@@ -113,18 +119,50 @@ def _signature(fn, dtype: str, constexprs: dict):
     return sig, consts, attrs
 
 
-def compile_row(row: Row) -> Row:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _attention_source(row: Row):
     from .ops.attention import triton_kernels
 
     fn = getattr(triton_kernels, KERNEL_FUNCTIONS[row.kernel])
     constexprs = dict(VARIANTS[row.variant])
     constexprs.update(USE_LIBDEVICE=True, D=row.head_dim or row.block_d, BLOCK_M=row.block_m, BLOCK_N=row.block_n,
                       BLOCK_D=row.block_d, UPCAST=False, PRECISION="tf32x3" if row.dtype == "fp32" else "tf32")
-    sig, consts, attrs = _signature(fn, row.dtype, constexprs)
+    return fn, *_signature(fn, row.dtype, constexprs)
+
+
+def _reparam_source(row: Row):
+    """Signature of a reparameterization launch role: pointers typed per role, the integer arguments that
+    are 1 in a launch as constants, the other integers 16-divisible (as at P-Tuning v2 sizes: P in
+    {16, 64, 128}, token dim 768, hidden 512; other sizes compile to the same code without vector loads)."""
+    from .ops.reparam import triton_impl, triton_kernels
+
+    role = row.kernel[len(REPARAM):]
+    dtypes = {v: k for k, v in triton_impl.SHORT.items()}
+    param, compute = dtypes[row.dtype], dtypes[row.compute or row.dtype]
+    name, pointers, flags, unit = triton_impl.compile_spec(role, param, compute)
+    cfg = triton_impl.TileConfig(row.block_m, row.block_n, row.block_k, row.num_warps, row.num_stages)
+    constexprs = flags | triton_impl.tile_constexprs(role, compute, cfg)
+    fn = getattr(triton_kernels, name)
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", constexprs[p.name]
+        elif p.name in pointers:
+            sig[p.name] = "*" + pointers[p.name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name in unit:
+            sig[p.name], consts[p.name] = "constexpr", 1
+        else:  # sizes and strides: P-Tuning v2 shapes are multiples of 16, which Triton specialises on
+            sig[p.name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, sig, consts, attrs
+
+
+def compile_row(row: Row) -> Row:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, sig, consts, attrs = (_reparam_source if row.kernel.startswith(REPARAM) else _attention_source)(row)
     row.smem_limit = SMEM_LIMIT[row.arch]
     start = time.time()
     try:
@@ -152,19 +190,25 @@ def compile_row(row: Row) -> Row:
 
 def planned_rows(archs=(80, 90)) -> list[Row]:
     from .ops.attention.triton_impl import shipped_configs
+    from .ops.reparam import triton_impl as reparam
 
     rows = []
     for kernel, arch, bd, dtype, decode, featured, cfg in shipped_configs():
         if arch in archs:
             rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps,
                             cfg.num_stages, "all" if featured else "plain"))
+    for role, arch, param, compute, cfg in reparam.shipped_configs():
+        if arch in archs:
+            rows.append(Row(REPARAM + role, arch, reparam.SHORT[param], 0, False, cfg.block_m, cfg.block_n,
+                            cfg.num_warps, cfg.num_stages, block_k=cfg.block_k,
+                            compute="" if compute == param else reparam.SHORT[compute]))
     return rows
 
 
-def run(archs=(80, 90), jobs: int | None = None, progress: bool = True) -> list[Row]:
+def run(archs=(80, 90), jobs: int | None = None, progress: bool = True, only: str | None = None) -> list[Row]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("kernel_report compiles for real GPUs: unset TRITON_INTERPRET")
-    rows = planned_rows(archs)
+    rows = [r for r in planned_rows(archs) if only is None or r.kernel.startswith(only)]
     jobs = jobs or os.cpu_count() or 1
     done = []
     with cf.ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -178,15 +222,16 @@ def run(archs=(80, 90), jobs: int | None = None, progress: bool = True) -> list[
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'kernel':16} {'flags':5} {'arch':>4} {'dtype':5} {'D':>3} {'tile':>9} {'w':>2} {'s':>1} {'smem KB':>8} "
-            f"{'regs':>4} {'stack':>5} {'tc':5} status")
+    head = (f"{'kernel':20} {'flags':5} {'arch':>4} {'dtype':9} {'D':>3} {'tile':>10} {'w':>2} {'s':>1} "
+            f"{'smem KB':>8} {'regs':>4} {'stack':>5} {'tc':5} status")
     lines = [head, "-" * len(head)]
     for r in rows:
         name = r.kernel + ("/decode" if r.decode else "")
         status = "ok" if r.ok else ("ERROR " + r.error if r.error else "CHECK")
-        tile = f"{r.block_m}x{r.block_n}"
+        dtype = r.dtype + (">" + r.compute if r.compute else "")
+        tile = f"{r.block_m}x{r.block_n}" + (f"x{r.block_k}" if r.block_k else "")
         lines.append(
-            f"{name:16} {r.variant:5} {r.arch:>4} {r.dtype:5} {r.block_d:>3} {tile:>9} {r.num_warps:>2} "
+            f"{name:20} {r.variant:5} {r.arch:>4} {dtype:9} {r.block_d or '':>3} {tile:>10} {r.num_warps:>2} "
             f"{r.num_stages:>1} {r.shared / 1024:>8.1f} {r.registers:>4} {r.stack:>5} {r.tensor_cores:5} {status}"
         )
     bad = sum(not r.ok for r in rows)
@@ -200,8 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--only", help="only the kernels whose name starts with this (e.g. reparam_)")
     args = parser.parse_args(argv)
-    rows = run(tuple(args.arch), args.jobs)
+    rows = run(tuple(args.arch), args.jobs, only=args.only)
     print(format_table(rows))
     if args.json:
         import triton

@@ -25,15 +25,33 @@ def report(tmp_path_factory):
 
 def test_every_shipped_configuration_is_reported(report):
     from prefix_kernels.ops.attention.triton_impl import shipped_configs
+    from prefix_kernels.ops.reparam import triton_impl as reparam
 
     _, data = report
-    assert len(data["rows"]) == len(shipped_configs())
+    assert len(data["rows"]) == len(shipped_configs()) + len(reparam.shipped_configs())
     kinds = {(r["kernel"], r["arch"], r["dtype"], r["variant"]) for r in data["rows"]}
     for kernel in ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq"):
         for arch in (80, 90):
             for dtype in ("fp16", "bf16", "fp32"):
                 for variant in ("plain", "all"):
                     assert (kernel, arch, dtype, variant) in kinds
+
+
+def test_every_reparam_role_and_dtype_pair_is_reported(report):
+    """Each launch role of the projection, for plain fp32/fp16/bf16 and for fp32 parameters under fp16 and
+    bf16 autocast (rounded in registers), on both architectures."""
+    from prefix_kernels.ops.reparam import triton_impl as reparam
+
+    _, data = report
+    kinds = {(r["kernel"], r["arch"], r["dtype"], r["compute"]) for r in data["rows"]
+             if r["kernel"].startswith("reparam_")}
+    for role in reparam.ROLES:
+        for arch in (80, 90):
+            for param, compute in reparam.DTYPE_PAIRS:
+                if role == "bwd_dz" and param != compute:
+                    continue  # its pointers are fp32 partials and the compute-dtype H: covered by the plain rows
+                p, c = reparam.SHORT[param], reparam.SHORT[compute]
+                assert (f"reparam_{role}", arch, p, "" if p == c else c) in kinds
 
 
 def test_all_compile_fit_use_tensor_cores_and_do_not_spill(report):
@@ -46,8 +64,8 @@ def test_all_compile_fit_use_tensor_cores_and_do_not_spill(report):
         assert 0 <= r["shared"] <= limits[r["arch"]]
         assert r["stack"] == 0, r  # no register spills
         assert 0 < r["registers"] <= 255
-        if r["kernel"] != "bwd_preprocess":
-            assert r["tensor_cores"] in ("mma", "wgmma")
+        if r["kernel"] not in ("bwd_preprocess", "reparam_bwd_dz"):
+            assert r["tensor_cores"] in ("mma", "wgmma"), r
     assert proc.returncode == 0
 
 
@@ -57,6 +75,15 @@ def test_hopper_hot_paths_use_wgmma(report):
     for r in data["rows"]:
         if r["arch"] == 90 and r["dtype"] in ("fp16", "bf16") and r["block_m"] >= 64 and r["block_d"] in (64, 128) \
                 and r["kernel"] in ("fwd", "bwd_dq") and not r["decode"] and r["variant"] == "plain":
+            assert r["tensor_cores"] == "wgmma", r
+
+
+def test_hopper_reparam_half_precision_uses_wgmma(report):
+    """Every half-precision projection GEMM on sm90 (W2 streaming included) runs on warpgroup MMA."""
+    _, data = report
+    for r in data["rows"]:
+        if r["arch"] == 90 and r["kernel"].startswith("reparam_") and r["kernel"] != "reparam_bwd_dz" \
+                and (r["compute"] or r["dtype"]) in ("fp16", "bf16"):
             assert r["tensor_cores"] == "wgmma", r
 
 

@@ -26,15 +26,17 @@ def test_works_without_triton():
         "print(pk.select_backend(q, q, q))\n"
         "print(backends.get('triton').device_reasons(torch.device('cpu')))\n"
         "print(pk.prefix_attention(q, q, q).shape)\n"
+        "print(pk.PrefixEncoder(3, 2, 2, 16, prefix_projection=True)().shape)\n"
     )
     out = _run(code).splitlines()
     assert out[0] == "torch"
     assert "triton is not importable" in out[1]
     assert out[2] == "torch.Size([1, 2, 3, 16])"
+    assert out[3] == "torch.Size([2, 2, 2, 3, 16])"
 
 
 def test_public_api():
     import prefix_kernels
 
     assert set(prefix_kernels.__all__) >= {"prefix_attention", "prefix_attention_ref", "select_backend",
-                                           "BackendUnavailableError", "__version__"}
+                                           "BackendUnavailableError", "PrefixEncoder", "__version__"}
