@@ -43,18 +43,29 @@ KERNEL_FUNCTIONS = {
 # Reparameterization rows are named "reparam_" + the launch role of ops.reparam.triton_impl.
 REPARAM = "reparam_"
 # Kernels without a matrix product (no tensor cores expected).
-NO_DOT = {"bwd_preprocess", REPARAM + "bwd_dz"}
+NO_DOT = {"bwd_preprocess", REPARAM + "bwd_dz", "bwd_sum_segments", "dropout_mask"}
 POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
                  "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ALIBI": "*fp32", "ALIBI_OFF": "*i32",
-                 "SEED": "*i64"}
+                 "SEED": "*i64", "PIDX": "*i64", "PLEN": "*i64", "ROWS": "*i32", "ITEM_PREFIX": "*i32",
+                 "ITEM_LO": "*i32", "ITEM_HI": "*i32"}
 FLOAT_SCALARS = ("sm_scale", "qk_scale", "softcap", "dropout_p")
 # Flag sets compiled for every tile: the common path (causal decoder with padding) and every optional
 # feature at once, which holds the most state live.
 VARIANTS = {
     "plain": {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True, "HAS_DLSE": False, "HAS_ALIBI": False,
-              "HAS_ALIBI_OFF": False, "HAS_DROPOUT": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False},
+              "HAS_ALIBI_OFF": False, "HAS_DROPOUT": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
+              "HAS_INDEX": False, "HAS_LENGTHS": False},
     "all": {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True, "HAS_DLSE": True, "HAS_ALIBI": True,
-            "HAS_ALIBI_OFF": True, "HAS_DROPOUT": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True},
+            "HAS_ALIBI_OFF": True, "HAS_DROPOUT": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
+            "HAS_INDEX": True, "HAS_LENGTHS": True},
+}
+# Small fixed-shape kernels of the attention family: (function, signature, constants, num_warps). No dots.
+AUX_KERNELS = {
+    "bwd_sum_segments": ("_sum_segments_kernel", {"PART": "*fp32", "SEG_OFF": "*i32", "OUT": "*fp32",
+                                                   "n_elems": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
+    "dropout_mask": ("_dropout_mask_kernel", {"SEED": "*i64", "MASK": "*u8", "Lq": "i32", "n_cols": "i32",
+                                              "dropout_p": "fp32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                     {"BLOCK_M": 32, "BLOCK_N": 32}, 4),
 }
 
 
@@ -122,6 +133,11 @@ def _signature(fn, dtype: str, constexprs: dict):
 def _attention_source(row: Row):
     from .ops.attention import triton_kernels
 
+    if row.kernel in AUX_KERNELS:
+        name, sig, consts, _ = AUX_KERNELS[row.kernel]
+        fn = getattr(triton_kernels, name)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name].startswith("*")}
+        return fn, dict(sig), dict(consts), attrs
     fn = getattr(triton_kernels, KERNEL_FUNCTIONS[row.kernel])
     constexprs = dict(VARIANTS[row.variant])
     constexprs.update(USE_LIBDEVICE=True, D=row.head_dim or row.block_d, BLOCK_M=row.block_m, BLOCK_N=row.block_n,
@@ -197,6 +213,9 @@ def planned_rows(archs=(80, 90)) -> list[Row]:
         if arch in archs:
             rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps,
                             cfg.num_stages, "all" if featured else "plain"))
+    for name, (_, _, _, warps) in AUX_KERNELS.items():
+        for arch in archs:
+            rows.append(Row(name, arch, "fp32", 0, False, 0, 0, warps, 1))
     for role, arch, param, compute, cfg in reparam.shipped_configs():
         if arch in archs:
             rows.append(Row(REPARAM + role, arch, reparam.SHORT[param], 0, False, cfg.block_m, cfg.block_n,

@@ -21,7 +21,7 @@ def _op_args(inputs, need_lse, features: bool):
              torch.tensor(1234, dtype=torch.int64)) if features else (None, None, None)
     scalars = (0.2, 3, 4.0) if features else (0.0, None, None)
     return (q, inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"], inputs["key_padding_mask"],
-            *alibi, True, 0.25, *scalars, "torch", need_lse)
+            *alibi, None, None, True, 0.25, *scalars, "torch", need_lse)
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
@@ -45,12 +45,12 @@ def test_fake_shapes_and_layouts():
         q = torch.empty(2, 9, 8, 64).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
         k = torch.empty(2, 2, 11, 64)
         pk = torch.empty(2, 5, 64)
-        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, None, None, None, False, 0.125, 0.0,
-                                                          None, None, "torch", True)
+        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, None, None, None, None, None, False,
+                                                          0.125, 0.0, None, None, "torch", True)
         assert out.shape == (2, 8, 9, 64) and out.stride() == q.stride()
         assert lse.shape == (2, 8, 9) and lse.dtype == torch.float32
-        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, None, None, None, out, lse,
-                                                       False, 0.125, 0.0, None, None, "torch")
+        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, None, None, None, None, None,
+                                                       out, lse, False, 0.125, 0.0, None, None, "torch")
         assert [tuple(g.shape) for g in grads] == [(2, 8, 9, 64), (2, 2, 11, 64), (2, 2, 11, 64), (2, 5, 64),
                                                    (2, 5, 64)]
 

@@ -45,6 +45,8 @@ def prefix_attention(
     dropout_p: float = 0.0,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    prefix_index: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -58,9 +60,14 @@ def prefix_attention(
     Args:
         q: ``[B, Hq, Lq, D]``. Any strides (HF passes transposed views of ``[B, L, H, D]``).
         k, v: ``[B, Hkv, Lk, D]``, Hq a multiple of Hkv (MHA, GQA, MQA). K/V are never repeated.
-        prefix_k, prefix_v: ``[Hkv, P, D]``, shared by the whole batch, or both None (P = 0).
-            Every query sees every prefix column. Their gradients are summed over the batch rows and
-            the query heads of each group inside the kernels.
+        prefix_k, prefix_v: ``[Hkv, P, D]``, shared by the whole batch, or a bank ``[N, Hkv, P, D]`` with
+            ``prefix_index``, or both None (P = 0). Every query sees every prefix column of its row.
+            Their gradients are summed over the batch rows (and the query heads of each group) that use
+            them, inside the kernels, deterministically.
+        prefix_index: ``[B]`` int: the prefix of the bank each row uses, -1 for none (that row attends to
+            its input alone). Optional with a single prefix (then 0 or -1).
+        prefix_lengths: ``[N]`` int in [0, P]: each prefix's length, for prefixes of different lengths
+            padded into one bank (columns past the length are masked).
         causal: input column j is visible to query i iff ``j <= i + (Lk - Lq)`` (bottom-right
             alignment: a decode step with Lq = 1 sees the whole cache). The prefix stays visible.
         key_padding_mask: ``[B, Lk]`` bool, True = attend. Applies to the input keys only.
@@ -68,7 +75,8 @@ def prefix_attention(
         alibi_slopes: ``[Hq]`` float32. Adds ``slope[h] * position`` to the logit of each key, with prefix
             column p at position p and input key j at ``P + j + alibi_offsets[b]`` (HF Bloom with a
             prefix of P ones prepended to its mask, where a left-padded row has offset = -(its pads)).
-        alibi_offsets: ``[B]`` int32/int64; default 0 (positions 0 .. P + Lk - 1).
+        alibi_offsets: ``[B]`` int32/int64; default 0 (positions 0 .. P + Lk - 1). With a bank, input key j
+            of row b sits at ``P_b + j + offset`` where P_b is the row's prefix length.
         dropout_p: attention dropout on the probabilities (prefix columns included), in [0, 1). The keep
             mask comes from a counter-based RNG keyed by a seed drawn from torch's default generator of
             q's device, and is regenerated in the backward, never stored. Pass 0 in eval.
@@ -88,18 +96,20 @@ def prefix_attention(
     """
     spec = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
                         softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, alibi_offsets=alibi_offsets,
-                        dropout_p=dropout_p, sliding_window=sliding_window, softcap=softcap)
+                        dropout_p=dropout_p, sliding_window=sliding_window, softcap=softcap,
+                        prefix_index=prefix_index, prefix_lengths=prefix_lengths)
     chosen = backends.select(spec, backend)
     grads_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)
     )
     need_lse = bool(return_lse) or (grads_wanted and chosen.lse_for_backward)
-    if prefix_k is not None and prefix_k.shape[1] == 0:
-        prefix_k = prefix_v = None
+    if prefix_k is not None and prefix_k.shape[-2] == 0:
+        prefix_k = prefix_v = prefix_index = prefix_lengths = None
     from .function import attention_fwd
 
     seed = draw_dropout_seed(q.device) if spec.dropout_p > 0 else None
     out, lse = attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, seed,
-                             causal, spec.softmax_scale, spec.dropout_p, spec.sliding_window, spec.softcap,
+                             prefix_index, prefix_lengths, causal, spec.softmax_scale, spec.dropout_p,
+                             spec.sliding_window, spec.softcap,
                              chosen.name, need_lse)
     return (out, lse) if return_lse else out

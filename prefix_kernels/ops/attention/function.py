@@ -29,6 +29,8 @@ def attention_fwd(
     alibi_slopes: Tensor | None,
     alibi_offsets: Tensor | None,
     dropout_seed: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
     causal: bool,
     softmax_scale: float,
     dropout_p: float,
@@ -39,13 +41,15 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, Hq, Lq, D] like q, lse [B, Hq, Lq] fp32, or [B, Hq, 0] when not need_lse)."""
     impl = backends.get(backend).impl()
-    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap)
+    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap,
+                        prefix_index, prefix_lengths)
     return impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, need_lse, features)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
-                        causal, softmax_scale, dropout_p, sliding_window, softcap, backend, need_lse):
+                        prefix_index, prefix_lengths, causal, softmax_scale, dropout_p, sliding_window, softcap,
+                        backend, need_lse):
     B, Hq, Lq, _ = q.shape
     lse = q.new_empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32)
     return torch.empty_like(q), lse
@@ -64,6 +68,8 @@ def attention_bwd(
     alibi_slopes: Tensor | None,
     alibi_offsets: Tensor | None,
     dropout_seed: Tensor | None,
+    prefix_index: Tensor | None,
+    prefix_lengths: Tensor | None,
     out: Tensor,
     lse: Tensor,
     causal: bool,
@@ -75,7 +81,8 @@ def attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are empty [0] when P = 0."""
     impl = backends.get(backend).impl()
-    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap)
+    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap,
+                        prefix_index, prefix_lengths)
     dq, dk, dv, dpk, dpv = impl.backward(
         dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, features
     )
@@ -86,7 +93,8 @@ def attention_bwd(
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets,
-                        dropout_seed, out, lse, causal, softmax_scale, dropout_p, sliding_window, softcap, backend):
+                        dropout_seed, prefix_index, prefix_lengths, out, lse, causal, softmax_scale, dropout_p,
+                        sliding_window, softcap, backend):
     if prefix_k is None:
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     else:
@@ -95,11 +103,11 @@ def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mas
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
-     causal, softmax_scale, dropout_p, sliding_window, softcap, backend, need_lse) = inputs
+    (q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed, prefix_index,
+     prefix_lengths, causal, softmax_scale, dropout_p, sliding_window, softcap, backend, need_lse) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
-                          out, lse)
+                          prefix_index, prefix_lengths, out, lse)
     ctx.args = (causal, softmax_scale, dropout_p, sliding_window, softcap, backend)
     ctx.has_prefix = prefix_k is not None
     # An unused LSE then arrives as None rather than a tensor of zeros (no dLSE pass in the kernels).
@@ -114,7 +122,7 @@ def _backward(ctx, dout, dlse):
     dq, dk, dv, dpk, dpv = attention_bwd(dout, dlse, *ctx.saved_tensors, *ctx.args)
     if not ctx.has_prefix:
         dpk = dpv = None
-    return (dq, dk, dv, dpk, dpv) + (None,) * 11
+    return (dq, dk, dv, dpk, dpv) + (None,) * 13
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -31,6 +31,9 @@ class AttentionSpec:
     causal: bool
     has_padding_mask: bool
     softmax_scale: float
+    prefix_count: int = 0  # N: prefixes in the bank (1 for a single shared prefix, 0 without)
+    has_prefix_index: bool = False
+    has_prefix_lengths: bool = False
     has_alibi: bool = False
     dropout_p: float = 0.0
     sliding_window: int | None = None
@@ -66,6 +69,43 @@ def _require_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
+# The last selection tensors whose values were checked: (data_ptr, version, shape, bound). A model calls the
+# op once per layer with the same prefix_index, so its values are read (a device sync) once, not per layer.
+_validated: dict[str, tuple] = {}
+
+
+def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    key = (t.data_ptr(), t._version, tuple(t.shape), lo, hi)
+    if _validated.get(name) == key or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    t_min, t_max = int(t.min()), int(t.max())
+    if t_min < lo or t_max > hi:
+        raise ValueError(f"{name} values must be in [{lo}, {hi}] ({what}), got min {t_min}, max {t_max}")
+    _validated[name] = key
+
+
+def _check_prefix_selection(prefix_k, prefix_index, prefix_lengths, B, P, n_prefixes, device) -> None:
+    if prefix_k is not None and prefix_k.dim() == 4 and prefix_index is None:
+        raise ValueError("a prefix bank [N, kv_heads, P, head_dim] needs prefix_index [batch] choosing each row's "
+                         "prefix (-1 for none)")
+    for name, t, size in (("prefix_index", prefix_index, B), ("prefix_lengths", prefix_lengths, n_prefixes)):
+        if t is None:
+            continue
+        _require_tensor(name, t)
+        if prefix_k is None:
+            raise ValueError(f"{name} was given without a prefix")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if tuple(t.shape) != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {_shape(t)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if prefix_index is not None:
+        _check_values("prefix_index", prefix_index, -1, n_prefixes - 1, f"-1 or a prefix of the bank of {n_prefixes}")
+    if prefix_lengths is not None:
+        _check_values("prefix_lengths", prefix_lengths, 0, P, f"prefix lengths, at most P={P}")
+
+
 def check_inputs(
     q,
     k,
@@ -81,11 +121,15 @@ def check_inputs(
     dropout_p=0.0,
     sliding_window=None,
     softcap=None,
+    prefix_index=None,
+    prefix_lengths=None,
 ) -> AttentionSpec:
     """Check a prefix-attention call against the contract and return its :class:`AttentionSpec`.
 
     Shapes: q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]``; prefix_k, prefix_v ``[Hkv, P, D]``;
-    key_padding_mask ``[B, Lk]`` bool (True = attend). Any strides are accepted.
+    key_padding_mask ``[B, Lk]`` bool (True = attend). Any strides are accepted. A prefix bank
+    ``[N, Hkv, P, D]`` needs prefix_index ``[B]`` int in [-1, N) (-1: no prefix for that row);
+    prefix_lengths ``[N]`` int in [0, P] gives each prefix's length (the tail columns are masked).
     alibi_slopes ``[Hq]`` float32; alibi_offsets ``[B]`` integer (needs alibi_slopes); dropout_p in
     [0, 1); sliding_window an int >= 1 (needs causal); softcap a float > 0.
     """
@@ -124,24 +168,30 @@ def check_inputs(
         given, missing = ("prefix_k", "prefix_v") if prefix_v is None else ("prefix_v", "prefix_k")
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     P = 0
+    n_prefixes = 0
     if prefix_k is not None:
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             _require_tensor(name, t)
-            if t.dim() != 3:
-                raise ValueError(f"{name} must be 3-D [kv_heads, prefix_len, head_dim], got shape {_shape(t)}")
+            if t.dim() not in (3, 4):
+                raise ValueError(f"{name} must be 3-D [kv_heads, P, head_dim], or a 4-D bank "
+                                 f"[N, kv_heads, P, head_dim], got shape {_shape(t)}")
             if t.dtype != q.dtype:
                 raise TypeError(
                     f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}; cast the prefix to the model dtype"
                 )
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-            if t.shape[0] != Hkv or t.shape[2] != D:
+            if t.shape[-3] != Hkv or t.shape[-1] != D:
                 raise ValueError(
-                    f"{name} must be [kv_heads={Hkv}, P, head_dim={D}] to match k, got shape {_shape(t)}"
+                    f"{name} must be [..., kv_heads={Hkv}, P, head_dim={D}] to match k, got shape {_shape(t)}"
                 )
         if prefix_v.shape != prefix_k.shape:
             raise ValueError(f"prefix_v must have the shape of prefix_k {_shape(prefix_k)}, got {_shape(prefix_v)}")
-        P = prefix_k.shape[1]
+        P = prefix_k.shape[-2]
+        n_prefixes = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
+        if n_prefixes < 1:
+            raise ValueError(f"the prefix bank is empty: prefix_k has shape {_shape(prefix_k)}")
+    _check_prefix_selection(prefix_k, prefix_index, prefix_lengths, B, P, n_prefixes, q.device)
 
     if key_padding_mask is not None:
         _require_tensor("key_padding_mask", key_padding_mask)
@@ -221,6 +271,9 @@ def check_inputs(
         causal=causal,
         has_padding_mask=key_padding_mask is not None,
         softmax_scale=scale,
+        prefix_count=n_prefixes,
+        has_prefix_index=prefix_index is not None,
+        has_prefix_lengths=prefix_lengths is not None,
         has_alibi=alibi_slopes is not None,
         dropout_p=float(dropout_p),
         sliding_window=sliding_window,
@@ -234,8 +287,10 @@ class Features:
 
     alibi_slopes ``[Hq]`` fp32 and alibi_offsets ``[B]`` int: the logit of key column c gets
     ``+ slope[h] * position``, with prefix column p at position p and input key j at
-    ``P + j + alibi_offsets[b]`` (offset 0 when None). dropout_seed is an int64 scalar tensor on the
-    inputs' device from which every kernel regenerates the same keep mask.
+    ``P_b + j + alibi_offsets[b]`` (offset 0 when None; P_b is the row's prefix length). dropout_seed
+    is an int64 scalar tensor on the inputs' device from which every kernel regenerates the same keep
+    mask. prefix_index ``[B]`` and prefix_lengths ``[N]`` select, per row, a prefix of a bank (backends
+    see every prefix as a bank ``[N, Hkv, P, D]``; a single shared prefix is a bank of one).
     """
 
     alibi_slopes: torch.Tensor | None = None
@@ -244,6 +299,8 @@ class Features:
     dropout_seed: torch.Tensor | None = None
     sliding_window: int | None = None
     softcap: float | None = None
+    prefix_index: torch.Tensor | None = None
+    prefix_lengths: torch.Tensor | None = None
 
 
 NO_FEATURES = Features()

@@ -19,6 +19,7 @@ def visibility_mask(
     key_padding_mask: torch.Tensor | None,
     device: torch.device,
     sliding_window: int | None = None,
+    prefix_visible: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Which keys of ``[prefix ; input]`` each query sees, or None when every key is visible.
 
@@ -26,8 +27,10 @@ def visibility_mask(
     ``[B, H, Lq, P + Lk]``. Every prefix column is visible. Input column j is visible to query i iff
     ``key_padding_mask[b, j]``; when causal, ``j <= i + (Lk - Lq)`` (bottom-right alignment); with a
     sliding window W, also ``j > i + (Lk - Lq) - W``. The prefix stays visible through any window.
+    ``prefix_visible [B, P]`` bool, when given, masks prefix columns per row (rows without a prefix of a
+    bank, or columns past a shorter prefix's length).
     """
-    if not causal and key_padding_mask is None:
+    if not causal and key_padding_mask is None and prefix_visible is None:
         return None
     rows = len_q if causal else 1
     inp = torch.ones(1, 1, rows, len_k, dtype=torch.bool, device=device)
@@ -41,23 +44,58 @@ def visibility_mask(
         inp = inp.view(1, 1, len_q, len_k)
     if key_padding_mask is not None:
         inp = inp & key_padding_mask.view(-1, 1, 1, len_k)
-    pre = torch.ones(inp.shape[0], 1, rows, prefix_len, dtype=torch.bool, device=device)
+    if prefix_visible is not None:
+        batch = prefix_visible.shape[0]
+        inp = inp.expand(batch, 1, rows, len_k)
+        pre = prefix_visible.view(batch, 1, 1, prefix_len).expand(batch, 1, rows, prefix_len)
+    else:
+        pre = torch.ones(inp.shape[0], 1, rows, prefix_len, dtype=torch.bool, device=device)
     return torch.cat([pre, inp], dim=-1)
 
 
+def prefix_rows(prefix_k, prefix_v, prefix_index, prefix_lengths, batch: int):
+    """Each row's prefix, from a single prefix ``[Hkv, P, D]`` or a bank ``[N, Hkv, P, D]``.
+
+    Returns ``(pk [B, Hkv, P, D], pv, visible [B, P] bool or None, lengths [B] or None)``: visible
+    marks the prefix columns a row sees (none with index -1, the first lengths[index] otherwise) and
+    lengths is each row's prefix length (None when every row has all P columns).
+    """
+    bank_k = prefix_k if prefix_k.dim() == 4 else prefix_k.unsqueeze(0)
+    bank_v = prefix_v if prefix_v.dim() == 4 else prefix_v.unsqueeze(0)
+    P = bank_k.shape[2]
+    if prefix_index is None:
+        pk = bank_k.expand(batch, -1, -1, -1)
+        pv = bank_v.expand(batch, -1, -1, -1)
+        if prefix_lengths is None:
+            return pk, pv, None, None
+        row_len = prefix_lengths.view(1).expand(batch).long()
+    else:
+        safe = prefix_index.long().clamp(min=0)
+        pk, pv = bank_k[safe], bank_v[safe]
+        full = torch.full_like(safe, P)
+        row_len = prefix_lengths.long()[safe] if prefix_lengths is not None else full
+        row_len = torch.where(prefix_index >= 0, row_len, torch.zeros_like(row_len))
+    visible = torch.arange(P, device=prefix_k.device).view(1, P) < row_len.view(batch, 1)
+    return pk, pv, visible, row_len
+
+
 def alibi_positions(batch: int, len_k: int, prefix_len: int, offsets: torch.Tensor | None,
-                    device: torch.device) -> torch.Tensor:
-    """ALiBi key positions ``[B, P + Lk]``: prefix column p at p, input key j at ``P + j + offsets[b]``.
+                    device: torch.device, row_prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+    """ALiBi key positions ``[B, P + Lk]``: prefix column p at p, input key j at ``P_b + j + offsets[b]``,
+    P_b being the row's prefix length (``row_prefix_len``, default P).
 
     With ``offsets[b] = -(number of leading pad tokens)`` this equals HF Bloom's
     ``(mask.cumsum(-1) - 1) * mask`` over ``[P ones ; attention_mask]`` at every kept key of a left- or
     right-padded row (padded keys are masked, so their position does not matter).
     """
     cols = torch.arange(prefix_len + len_k, device=device).view(1, -1).expand(batch, -1)
-    if offsets is None:
-        return cols
-    shift = torch.cat([torch.zeros(batch, prefix_len, dtype=offsets.dtype, device=device),
-                       offsets.view(batch, 1).expand(batch, len_k)], dim=1)
+    shift = torch.zeros(batch, dtype=torch.long, device=device)
+    if offsets is not None:
+        shift = shift + offsets.long()
+    if row_prefix_len is not None:
+        shift = shift + (row_prefix_len.long() - prefix_len)
+    shift = torch.cat([torch.zeros(batch, prefix_len, dtype=torch.long, device=device),
+                       shift.view(batch, 1).expand(batch, len_k)], dim=1)
     return cols + shift
 
 
@@ -77,6 +115,8 @@ def prefix_attention_ref(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_keep: torch.Tensor | None = None,
+    prefix_index: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference prefix attention. Returns ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq])``.
@@ -91,18 +131,22 @@ def prefix_attention_ref(
     ``alibi_slopes[h] * position`` with prefix column p at position p and input key j at
     ``P + j + alibi_offsets[b]``. Dropout: ``dropout_keep [B, Hq, Lq, P + Lk]`` bool is the keep mask
     (the probabilities of kept entries are divided by ``1 - dropout_p``, dropped ones are zero); the
-    LSE is that of S, before dropout.
+    LSE is that of S, before dropout. A bank ``[N, Hkv, P, D]`` with ``prefix_index [B]`` (-1: none)
+    and ``prefix_lengths [N]`` gives each row its own prefix; ALiBi positions of the input then start at
+    the row's prefix length.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    P = 0 if prefix_k is None else prefix_k.shape[1]
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     cdt = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
 
+    prefix_visible = row_len = None
     if P > 0:
-        k_all = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-        v_all = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        pk, pv, prefix_visible, row_len = prefix_rows(prefix_k, prefix_v, prefix_index, prefix_lengths, B)
+        k_all = torch.cat([pk, k], dim=2)
+        v_all = torch.cat([pv, v], dim=2)
     else:
         k_all, v_all = k, v
     k_all = k_all.to(cdt).repeat_interleave(G, dim=1)
@@ -113,9 +157,9 @@ def prefix_attention_ref(
         scores = softcap * torch.tanh(scores / softcap)
     if alibi_slopes is not None:
         scores = scores + alibi_slopes.to(cdt).view(1, Hq, 1, 1) * alibi_positions(
-            B, Lk, P, alibi_offsets, q.device).to(cdt).view(B, 1, 1, P + Lk)
+            B, Lk, P, alibi_offsets, q.device, row_len).to(cdt).view(B, 1, 1, P + Lk)
     visible = visibility_mask(Lq, Lk, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, prefix_visible=prefix_visible)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     # The row max is only a shift for stability, so it is detached; rows that see no key keep a zero

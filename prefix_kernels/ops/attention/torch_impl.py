@@ -20,13 +20,27 @@ import torch
 import torch.nn.functional as F
 
 from .inputs import NO_FEATURES, Features
-from .reference import alibi_positions, visibility_mask
+from .reference import alibi_positions, prefix_rows, visibility_mask
 
 
-def _concat_prefix(x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-    if prefix is None or prefix.shape[1] == 0:
-        return x
-    return torch.cat([prefix.unsqueeze(0).expand(x.shape[0], -1, -1, -1), x], dim=2)
+class _Keys:
+    """K/V over ``[prefix ; input]`` for every row, with the per-row prefix visibility and length
+    (None when every row sees all P prefix columns)."""
+
+    def __init__(self, k, v, prefix_k, prefix_v, features: Features):
+        self.P = 0 if prefix_k is None else prefix_k.shape[-2]
+        self.visible = self.row_len = None
+        if self.P == 0:
+            self.k, self.v = k, v
+            return
+        pk, pv, self.visible, self.row_len = prefix_rows(prefix_k, prefix_v, features.prefix_index,
+                                                         features.prefix_lengths, k.shape[0])
+        self.k = torch.cat([pk, k], dim=2)
+        self.v = torch.cat([pv, v], dim=2)
+
+    def mask(self, len_q, len_k, causal, key_padding_mask, sliding_window=None):
+        return visibility_mask(len_q, len_k, self.P, causal=causal, key_padding_mask=key_padding_mask,
+                               device=self.k.device, sliding_window=sliding_window, prefix_visible=self.visible)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +58,11 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads_q: int, len_q: int, 
 class _Logits:
     """Scores of ``[prefix ; input]`` with queries grouped per kv head: [B, Hkv, G, Lq, P + Lk] in fp32."""
 
-    def __init__(self, q, k_all, key_padding_mask, causal, scale, features: Features, len_k: int):
+    def __init__(self, q, keys: _Keys, k_all, key_padding_mask, causal, scale, features: Features, len_k: int):
         B, Hq, Lq, _ = q.shape
         Hkv, n_cols = k_all.shape[1], k_all.shape[2]
         G = Hq // Hkv
-        P = n_cols - len_k
+        P = keys.P
         self.shape5 = (B, Hkv, G, Lq, n_cols)
         raw = torch.matmul(q.unflatten(1, (Hkv, G)), k_all.unsqueeze(2).transpose(-1, -2)) * scale
         self.tanh = None
@@ -56,10 +70,9 @@ class _Logits:
             self.tanh = torch.tanh(raw / features.softcap)
             raw = features.softcap * self.tanh
         if features.alibi_slopes is not None:
-            pos = alibi_positions(B, len_k, P, features.alibi_offsets, q.device).to(raw.dtype)
+            pos = alibi_positions(B, len_k, P, features.alibi_offsets, q.device, keys.row_len).to(raw.dtype)
             raw = raw + features.alibi_slopes.to(raw.dtype).view(1, Hkv, G, 1, 1) * pos.view(B, 1, 1, 1, n_cols)
-        mask = visibility_mask(Lq, len_k, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
-                               sliding_window=features.sliding_window)
+        mask = keys.mask(Lq, len_k, causal, key_padding_mask, features.sliding_window)
         if mask is not None:
             raw = raw.masked_fill(~mask.unsqueeze(2), float("-inf"))
         self.lse = torch.logsumexp(raw, dim=-1)
@@ -93,15 +106,15 @@ def _use_cpu_flash(q: torch.Tensor, features: Features) -> bool:
             and _is_plain(features) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
-def _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal):
+def _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, features):
     """Concatenated K/V repeated to Hq heads (the CPU kernels take no GQA), the additive mask, and the
     bool visibility mask (None when everything is visible)."""
     Hq, Hkv, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    P = 0 if prefix_k is None else prefix_k.shape[1]
-    k_all, v_all = _concat_prefix(k, prefix_k), _concat_prefix(v, prefix_v)
+    keys = _Keys(k, v, prefix_k, prefix_v, features)
+    k_all, v_all = keys.k, keys.v
     if Hq != Hkv:
         k_all, v_all = k_all.repeat_interleave(Hq // Hkv, 1), v_all.repeat_interleave(Hq // Hkv, 1)
-    visible = visibility_mask(Lq, Lk, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    visible = keys.mask(Lq, Lk, causal, key_padding_mask)
     additive = None
     if visible is not None:
         additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
@@ -119,27 +132,25 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     """out [B, Hq, Lq, D] (laid out like q), lse [B, Hq, Lq] fp32 (or [B, Hq, 0] if not need_lse)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    P = 0 if prefix_k is None else prefix_k.shape[1]
-    k_all = _concat_prefix(k, prefix_k)
-    v_all = _concat_prefix(v, prefix_v)
     if _use_cpu_flash(q, features):
-        k_all, v_all, additive, visible = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+        k_all, v_all, additive, visible = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
+                                                              features)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_all, v_all, attn_mask=additive,
                                                                              scale=scale)
-        if visible is not None and P == 0:
+        if visible is not None:
             # The kernel reports 0 for a row that sees no key; the contract says -inf.
             lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
         return _into(out, q), lse.contiguous() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
-    plain = _is_plain(features)
-    if need_lse or not plain:
+    keys = _Keys(k, v, prefix_k, prefix_v, features)
+    if need_lse or not _is_plain(features):
         cdt = _compute_dtype(q.dtype)
-        logits = _Logits(q.to(cdt), k_all.to(cdt), key_padding_mask, causal, scale, features, Lk)
-        out = torch.matmul(logits.dropped(logits.probs), v_all.to(cdt).unsqueeze(2)).flatten(1, 2)
+        logits = _Logits(q.to(cdt), keys, keys.k.to(cdt), key_padding_mask, causal, scale, features, Lk)
+        out = torch.matmul(logits.dropped(logits.probs), keys.v.to(cdt).unsqueeze(2)).flatten(1, 2)
         lse = logits.lse.flatten(1, 2).float() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
         return _into(out, q), lse
-    mask = visibility_mask(Lq, Lk, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-    if mask is not None and P == 0:
+    mask = keys.mask(Lq, Lk, causal, key_padding_mask)
+    out = F.scaled_dot_product_attention(q, keys.k, keys.v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    if mask is not None:
         # Rows that see no key at all are defined as zeros; not every SDPA kernel agrees on them.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return _into(out, q), q.new_empty((B, Hq, 0), dtype=torch.float32)
@@ -155,23 +166,24 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     B, Hq = q.shape[:2]
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    P = 0 if prefix_k is None else prefix_k.shape[1]
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
     if _use_cpu_flash(q, features) and (dlse is None or dlse.numel() == 0) and lse.numel() > 0:
-        k_all, v_all, additive, _ = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+        k_all, v_all, additive, _ = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
+                                                        features)
         lse_k = lse.masked_fill(torch.isneginf(lse), 0.0)  # back to the kernel's convention for empty rows
         dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k_all, v_all, out, lse_k, 0.0, False, attn_mask=additive, scale=scale)
         n_all = P + Lk
         dk_all = dk_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dk_all
         dv_all = dv_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dv_all
-        return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P)
+        return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P, features)
     cdt = _compute_dtype(q.dtype)
-    k_all = _concat_prefix(k, prefix_k).to(cdt)
-    v_all = _concat_prefix(v, prefix_v).to(cdt)
+    keys = _Keys(k, v, prefix_k, prefix_v, features)
+    k_all, v_all = keys.k.to(cdt), keys.v.to(cdt)
     q5 = q.unflatten(1, (Hkv, G)).to(cdt)
     do5 = dout.unflatten(1, (Hkv, G)).to(cdt)
 
-    logits = _Logits(q.to(cdt), k_all, key_padding_mask, causal, scale, features, Lk)
+    logits = _Logits(q.to(cdt), keys, k_all, key_padding_mask, causal, scale, features, Lk)
     probs = logits.probs
     dv_all = torch.matmul(logits.dropped(probs).transpose(-1, -2), do5).sum(dim=2)
     dprobs = logits.dropped(torch.matmul(do5, v_all.unsqueeze(2).transpose(-1, -2)))
@@ -183,17 +195,29 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         dscores = dscores * (1.0 - logits.tanh.square())
     dq = torch.matmul(dscores, k_all.unsqueeze(2)).flatten(1, 2) * scale
     dk_all = torch.matmul(dscores.transpose(-1, -2), q5).sum(dim=2) * scale
-    return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P)
+    return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P, features)
 
 
-def _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P):
+def _prefix_grad(rows: torch.Tensor, prefix: torch.Tensor, prefix_index: torch.Tensor | None) -> torch.Tensor:
+    """Per-row prefix gradients [B, Hkv, P, D] -> the prefix's (or bank's) gradient: each prefix gets the sum
+    over the rows that use it, in fp32, as a one-hot matmul (deterministic on every device)."""
+    if prefix_index is None:
+        total = rows.sum(dim=0, dtype=torch.float32)
+        return total.view(prefix.shape).to(prefix.dtype)
+    n = prefix.shape[0] if prefix.dim() == 4 else 1
+    onehot = (prefix_index.view(-1, 1) == torch.arange(n, device=rows.device).view(1, n)).to(torch.float32)
+    total = (onehot.t() @ rows.float().flatten(1)).view(n, *rows.shape[1:])
+    return total.view(prefix.shape).to(prefix.dtype)
+
+
+def _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P, features=NO_FEATURES):
     """Gradients of [prefix ; input] K/V -> (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' layouts,
-    the prefix ones summed over the batch (accumulated in fp32)."""
+    each prefix's summed over the rows that use it (accumulated in fp32)."""
     dq = _into(dq, q)
     dk = _into(dk_all[:, :, P:], k)
     dv = _into(dv_all[:, :, P:], v)
     if P == 0:
         return dq, dk, dv, None, None
-    dpk = dk_all[:, :, :P].sum(dim=0, dtype=torch.float32).to(prefix_k.dtype)
-    dpv = dv_all[:, :, :P].sum(dim=0, dtype=torch.float32).to(prefix_v.dtype)
+    dpk = _prefix_grad(dk_all[:, :, :P], prefix_k, features.prefix_index)
+    dpv = _prefix_grad(dv_all[:, :, :P], prefix_v, features.prefix_index)
     return dq, dk, dv, dpk, dpv

@@ -205,8 +205,16 @@ def _device_ctx(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _as_bank(prefix: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    """The prefix as a bank [N, Hkv, P, D] (a single prefix is a bank of one; P = 0 passes a dummy)."""
+    if prefix is None:
+        return dummy
+    return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
+
+
 def _feature_args(features: Features, q: torch.Tensor):
-    """(pointers, scalars, constexpr flags) that pass ``features`` to the kernels; unused pointers are q."""
+    """(pointers, scalars, constexpr flags) that pass ``features`` to the kernels; unused pointers are q.
+    The optional features count as "featured" for the tile choice; the prefix selection does not."""
     f = features
     flags = {
         "HAS_ALIBI": f.alibi_slopes is not None,
@@ -214,14 +222,22 @@ def _feature_args(features: Features, q: torch.Tensor):
         "HAS_DROPOUT": f.dropout_p > 0,
         "HAS_WINDOW": f.sliding_window is not None,
         "HAS_SOFTCAP": f.softcap is not None,
+        "HAS_INDEX": f.prefix_index is not None,
+        "HAS_LENGTHS": f.prefix_lengths is not None,
     }
     ptrs = (
         f.alibi_slopes if flags["HAS_ALIBI"] else q,
         f.alibi_offsets if flags["HAS_ALIBI_OFF"] else q,
         f.dropout_seed if flags["HAS_DROPOUT"] else q,
+        f.prefix_index if flags["HAS_INDEX"] else q,
+        f.prefix_lengths if flags["HAS_LENGTHS"] else q,
     )
     scalars = {"window": f.sliding_window or 0, "softcap": f.softcap or 1.0, "dropout_p": float(f.dropout_p)}
     return ptrs, scalars, flags
+
+
+def _featured(flags: dict) -> bool:
+    return any(v for k, v in flags.items() if k not in ("HAS_INDEX", "HAS_LENGTHS"))
 
 
 def _common_constexprs(dtype: torch.dtype) -> dict:
@@ -232,14 +248,13 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     """out [B, Hq, Lq, D] laid out like q; lse [B, Hq, Lq] fp32, or [B, Hq, 0] if not need_lse."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    P = 0 if prefix_k is None else prefix_k.shape[1]
-    pk = k if P == 0 else prefix_k
-    pv = v if P == 0 else prefix_v
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
+    pk, pv = _as_bank(prefix_k, k), _as_bank(prefix_v, v)
     mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
     fptrs, fscalars, fflags = _feature_args(features, q)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32, device=q.device)
-    featured = any(fflags.values())
+    featured = _featured(fflags)
     cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device), featured)
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
@@ -247,7 +262,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     with _device_ctx(q):
         kern._attn_fwd_kernel[grid](
             q, k, v, pk, pv, m, kv_lo if has_kpm else q, kv_hi if has_kpm else q, *fptrs, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *pk.stride()[-3:], *pv.stride()[-3:],
+            *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(),
             *(mask_u8.stride() if has_kpm else (0, 0)), *out.stride(),
             Hq, Lq, Lk, P, D, Hq // Hkv, scale, scale * LOG2E, **fscalars,
             IS_CAUSAL=causal, HAS_KPM=has_kpm, STORE_LSE=need_lse, **fflags,
@@ -281,13 +296,13 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    P = 0 if prefix_k is None else prefix_k.shape[1]
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
     bd = block_d(D)
     consts = _common_constexprs(q.dtype)
     arch = arch_of(q.device)
     mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
     fptrs, fscalars, fflags = _feature_args(features, q)
-    featured = any(fflags.values())
+    featured = _featured(fflags)
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
     lo_ = kv_lo if has_kpm else q
@@ -316,12 +331,11 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
             IS_CAUSAL=causal, HAS_KPM=has_kpm, **fflags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
             **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        pk = k if P == 0 else prefix_k
-        pv = v if P == 0 else prefix_v
+        pk, pv = _as_bank(prefix_k, k), _as_bank(prefix_v, v)
         cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch, featured=featured)
         kern._attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
             q, k, v, pk, pv, dout, lse, delta, m, lo_, hi_, *fptrs, dq,
-            *q.stride(), *k.stride(), *v.stride(), *pk.stride()[-3:], *pv.stride()[-3:],
+            *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(),
             *dout.stride(), *m_strides, *dq.stride(),
             Hq, Lq, Lk, P, D, G, *scales, **fscalars,
             IS_CAUSAL=causal, HAS_KPM=has_kpm, **fflags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
@@ -334,17 +348,69 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         units = B * G
         splits = _prefix_splits(units, n_tiles * Hkv, q.device)
         per_split = triton.cdiv(units, splits)
-        splits = triton.cdiv(units, per_split)
-        dpk_part = torch.empty((splits, Hkv, P, D), dtype=torch.float32, device=q.device)
+        n_bank = pk.shape[0]
+        if features.prefix_index is None:
+            items = triton.cdiv(units, per_split)
+            rows = item_prefix = item_lo = item_hi = seg_off = q
+        else:
+            rows, item_prefix, item_lo, item_hi, seg_off = _bank_items(features.prefix_index, n_bank, G, per_split)
+            items = item_prefix.numel()
+        dpk_part = torch.empty((items, Hkv, P, D), dtype=torch.float32, device=q.device)
         dpv_part = torch.empty_like(dpk_part)
-        kern._attn_bwd_prefix_dkdv_kernel[(n_tiles, Hkv, splits)](
-            q, prefix_k, prefix_v, dout, lse, delta, fptrs[0], fptrs[2], dpk_part, dpv_part,
-            *q.stride(), *prefix_k.stride(), *prefix_v.stride(), *dout.stride(),
-            Hq, Hkv, Lq, Lk, P, D, G, units, per_split, *scales, fscalars["softcap"], fscalars["dropout_p"],
-            HAS_ALIBI=fflags["HAS_ALIBI"], HAS_DROPOUT=fflags["HAS_DROPOUT"], HAS_SOFTCAP=fflags["HAS_SOFTCAP"],
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
-            **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    dpk = dpk_part.sum(dim=0).to(prefix_k.dtype)
-    dpv = dpv_part.sum(dim=0).to(prefix_v.dtype)
-    return dq, dk, dv, dpk, dpv
+        if items:
+            kern._attn_bwd_prefix_dkdv_kernel[(n_tiles, Hkv, items)](
+                q, pk, pv, dout, lse, delta, fptrs[0], fptrs[2], fptrs[4], rows, item_prefix, item_lo, item_hi,
+                dpk_part, dpv_part,
+                *q.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
+                Hq, Hkv, Lq, Lk, P, D, G, units, per_split, *scales, fscalars["softcap"], fscalars["dropout_p"],
+                HAS_ALIBI=fflags["HAS_ALIBI"], HAS_DROPOUT=fflags["HAS_DROPOUT"], HAS_SOFTCAP=fflags["HAS_SOFTCAP"],
+                HAS_INDEX=fflags["HAS_INDEX"], HAS_LENGTHS=fflags["HAS_LENGTHS"],
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+                **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+        if features.prefix_index is None:
+            dpk, dpv = dpk_part.sum(dim=0), dpv_part.sum(dim=0)
+        else:
+            dpk = _sum_segments(dpk_part, seg_off, n_bank)
+            dpv = _sum_segments(dpv_part, seg_off, n_bank)
+    return dq, dk, dv, dpk.view(prefix_k.shape).to(prefix_k.dtype), dpv.view(prefix_v.shape).to(prefix_v.dtype)
+
+
+def _bank_items(prefix_index: torch.Tensor, n_prefixes: int, group: int, per_item: int):
+    """Work items of the bank's prefix gradient: the rows sorted by prefix, and for each prefix its units
+    (row, query head) cut into items of at most ``per_item`` units. Returns int32 tensors (rows [B],
+    item_prefix, item_lo, item_hi [items], seg_off [N + 1]: prefix n's items are seg_off[n]:seg_off[n+1]).
+
+    The per-prefix row counts are read on the host: one small device sync per backward, in bank mode
+    only, so that every item is full and the partials are few (about the GPU's width, plus N).
+    """
+    key = torch.where(prefix_index >= 0, prefix_index.long(), n_prefixes)
+    rows = torch.argsort(key, stable=True).to(torch.int32)
+    counts = torch.bincount(key, minlength=n_prefixes + 1)[:n_prefixes].tolist()
+    item_prefix, item_lo, item_hi, seg_off = [], [], [], [0]
+    start = 0
+    for n, count in enumerate(counts):
+        first, last = start * group, (start + count) * group
+        for lo in range(first, last, per_item):
+            item_prefix.append(n)
+            item_lo.append(lo)
+            item_hi.append(min(lo + per_item, last))
+        seg_off.append(len(item_prefix))
+        start += count
+    device = prefix_index.device
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+    return rows, as_tensor(item_prefix), as_tensor(item_lo), as_tensor(item_hi), as_tensor(seg_off)
+
+
+def _sum_segments(parts: torch.Tensor, seg_off: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """[items, ...] fp32 partials -> [n_segments, ...]: each segment's items added in a fixed order."""
+    out = torch.empty((n_segments, *parts.shape[1:]), dtype=torch.float32, device=parts.device)
+    n_elems = parts[0].numel() if parts.shape[0] else out[0].numel()
+    block = 1024
+    with _device_ctx(out):
+        kern._sum_segments_kernel[(n_segments, triton.cdiv(n_elems, block))](parts, seg_off, out, n_elems,
+                                                                             BLOCK=block)
+    return out

@@ -132,6 +132,20 @@ def _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL: tl.con
 
 
 @triton.jit
+def _row_prefix(PIDX, PLEN, b, P, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """The bank entry row b uses (0 without an index) and the row's prefix length (0 with index -1)."""
+    n = b * 0
+    p_row = P
+    if HAS_INDEX:
+        idx = tl.load(PIDX + b).to(tl.int32)
+        n = tl.maximum(idx, 0)
+        p_row = tl.where(idx >= 0, P, 0)
+    if HAS_LENGTHS:
+        p_row = tl.minimum(p_row, tl.load(PLEN + n).to(tl.int32))
+    return n, p_row
+
+
+@triton.jit
 def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
               slope2, sm_scale, qk_scale, softcap,
               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -159,22 +173,23 @@ def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_c
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, O, LSE,
+    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * Hq). O [B, Hq, Lq, D]; LSE [B, Hq, Lq] fp32 contiguous."""
+    """Grid (cdiv(Lq, BLOCK_M), B * Hq). O [B, Hq, Lq, D]; LSE [B, Hq, Lq] fp32 contiguous.
+    The prefix is a bank [N, Hkv, P, D]; row b uses entry PIDX[b] (or 0) for its first p_row columns."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -200,21 +215,22 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    pk_base = PK + g * stride_pkh
-    pv_base = PV + g * stride_pvh
-    for n0 in range(0, P, BLOCK_N):
+    n, p_row = _row_prefix(PIDX, PLEN, b, P, HAS_INDEX, HAS_LENGTHS)
+    pk_base = PK + n.to(tl.int64) * stride_pkb + g * stride_pkh
+    pv_base = PV + n.to(tl.int64) * stride_pvb + g * stride_pvh
+    for n0 in range(0, p_row, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, P, D, UPCAST)
-        v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, P, D, UPCAST)
-        m_i, l_i, acc = _fwd_tile(q, k, v, cols[None, :] < P, cols.to(tl.float32), cols, m_i, l_i, acc, rows,
+        k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, p_row, D, UPCAST)
+        v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, p_row, D, UPCAST)
+        m_i, l_i, acc = _fwd_tile(q, k, v, cols[None, :] < p_row, cols.to(tl.float32), cols, m_i, l_i, acc, rows,
                                   row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
                                   HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
 
     lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
                               BLOCK_M, BLOCK_N)
-    pos_base = P
+    pos_base = p_row
     if HAS_ALIBI_OFF:
-        pos_base = P + tl.load(ALIBI_OFF + b).to(tl.int32)
+        pos_base = p_row + tl.load(ALIBI_OFF + b).to(tl.int32)
     k_base = K + b64 * stride_kb + g * stride_kh
     v_base = V + b64 * stride_vb + g * stride_vh
     kpm_row = KPM + b64 * stride_mb
@@ -313,7 +329,7 @@ def _dkdv_accumulate(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -324,7 +340,7 @@ def _attn_bwd_dkdv_kernel(
     Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -357,9 +373,10 @@ def _attn_bwd_dkdv_kernel(
         kv_lo = tl.load(KV_LO + b)
         kv_hi = tl.load(KV_HI + b)
         m_hi = tl.where((n0 + BLOCK_N <= kv_lo) | (n0 >= kv_hi), 0, m_hi)
-    pos_base = P
+    _, p_row = _row_prefix(PIDX, PLEN, b, P, HAS_INDEX, HAS_LENGTHS)
+    pos_base = p_row
     if HAS_ALIBI_OFF:
-        pos_base = P + tl.load(ALIBI_OFF + b).to(tl.int32)
+        pos_base = p_row + tl.load(ALIBI_OFF + b).to(tl.int32)
     pos = (pos_base + cols).to(tl.float32)
     seed = 0
     if HAS_DROPOUT:
@@ -390,48 +407,64 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_prefix_dkdv_kernel(
-    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, DPK_PART, DPV_PART,
+    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, PLEN, ROWS, ITEM_PREFIX, ITEM_LO, ITEM_HI, DPK_PART, DPV_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, UNITS, UNITS_PER_SPLIT, sm_scale, qk_scale, softcap, dropout_p,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Gradient of the shared prefix, reduced in-kernel over batch rows and query heads.
+    """Gradient of the prefix (bank), reduced in-kernel over the batch rows and query heads that use it.
 
-    Grid (cdiv(P, BLOCK_N), Hkv, SPLITS). The B * GROUP (batch row, query head) units of kv head g are
-    cut into SPLITS contiguous ranges; each program sums its range into one fp32 partial
-    DPK_PART[split, g, P, D] (contiguous). The host adds the SPLITS partials in a fixed order, so the
-    result is deterministic and memory is SPLITS (not B) copies of the prefix. The prefix is visible to
-    every query, so no padding, causality or window applies here.
+    Grid (cdiv(P, BLOCK_N), Hkv, ITEMS). Work is counted in units (row, query head of the group). One
+    shared prefix: item s sums units [s * UNITS_PER_SPLIT, ...) of all B * GROUP. A bank: rows are sorted
+    by prefix (ROWS) and each item covers a range [ITEM_LO, ITEM_HI) of sorted units that all belong to
+    prefix ITEM_PREFIX. Either way the item writes one fp32 partial DPK_PART[item, g, P, D]
+    (contiguous) and the host adds each prefix's partials in a fixed order: deterministic, no atomics,
+    and memory of ITEMS (never B) prefix copies. The prefix is visible to every query of its rows, so no
+    padding, causality or window applies here; columns past the prefix's length get zero.
     """
     pid_n = tl.program_id(0)
     g64 = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
+    item = tl.program_id(2)
+    if HAS_INDEX:
+        n = tl.load(ITEM_PREFIX + item)
+        u_lo = tl.load(ITEM_LO + item)
+        u_hi = tl.load(ITEM_HI + item)
+    else:
+        n = item * 0
+        u_lo = item * UNITS_PER_SPLIT
+        u_hi = tl.minimum(u_lo + UNITS_PER_SPLIT, UNITS)
+    p_n = P
+    if HAS_LENGTHS:
+        p_n = tl.minimum(tl.load(PLEN + n).to(tl.int32), P)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(PK + g64 * stride_pkh, cols, stride_pkn, stride_pkd, offs_d, P, D, UPCAST)
-    v = _load_rows(PV + g64 * stride_pvh, cols, stride_pvn, stride_pvd, offs_d, P, D, UPCAST)
+    n64 = n.to(tl.int64)
+    k = _load_rows(PK + n64 * stride_pkb + g64 * stride_pkh, cols, stride_pkn, stride_pkd, offs_d, p_n, D, UPCAST)
+    v = _load_rows(PV + n64 * stride_pvb + g64 * stride_pvh, cols, stride_pvn, stride_pvd, offs_d, p_n, D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     pos = cols.to(tl.float32)
-    u_lo = split * UNITS_PER_SPLIT
-    u_hi = tl.minimum(u_lo + UNITS_PER_SPLIT, UNITS)
     for u in range(u_lo, u_hi):
-        b64 = (u // GROUP).to(tl.int64)
+        if HAS_INDEX:
+            b64 = tl.load(ROWS + u // GROUP).to(tl.int64)
+        else:
+            b64 = (u // GROUP).to(tl.int64)
         h64 = g64 * GROUP + u % GROUP
         bh = b64 * Hq + h64
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(ALIBI + h64) * LOG2E
         dk, dv = _dkdv_accumulate(
-            dk, dv, k, v, cols, cols, pos, P, P + Lk,
+            dk, dv, k, v, cols, cols, pos, p_n, P + Lk,
             Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
             LSE + bh * Lq, DELTA + bh * Lq, Q, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod, 0,
@@ -440,11 +473,26 @@ def _attn_bwd_prefix_dkdv_kernel(
             BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
         )
     dk = dk * sm_scale
-    part = (split.to(tl.int64) * Hkv + g64) * P * D
+    part = (item.to(tl.int64) * Hkv + g64) * P * D
     offs = part + cols[:, None] * D + offs_d[None, :]
     tile_mask = (cols[:, None] < P) & (offs_d[None, :] < D)
     tl.store(DPK_PART + offs, dk, mask=tile_mask)
     tl.store(DPV_PART + offs, dv, mask=tile_mask)
+
+
+@triton.jit
+def _sum_segments_kernel(PART, SEG_OFF, OUT, n_elems, BLOCK: tl.constexpr):
+    """OUT[s] = sum of PART[SEG_OFF[s] : SEG_OFF[s + 1]] in order (each [n_elems] fp32): the fixed-order
+    reduction of the prefix-gradient partials of a bank. Grid (segments, cdiv(n_elems, BLOCK))."""
+    seg = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.load(SEG_OFF + seg)
+    hi = tl.load(SEG_OFF + seg + 1)
+    acc = tl.zeros([BLOCK], tl.float32)
+    stride = n_elems.to(tl.int64)
+    for i in range(lo, hi):
+        acc += tl.load(PART + i * stride + offs, mask=offs < n_elems, other=0.0)
+    tl.store(OUT + seg.to(tl.int64) * n_elems + offs, acc, mask=offs < n_elems)
 
 
 @triton.jit
@@ -467,19 +515,19 @@ def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkh, stride_pkn, stride_pkd,
-    stride_pvh, stride_pvn, stride_pvd,
+    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -510,19 +558,23 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + rows, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    for n0 in range(0, P, BLOCK_N):
+    n, p_row = _row_prefix(PIDX, PLEN, b, P, HAS_INDEX, HAS_LENGTHS)
+    pk_base = PK + n.to(tl.int64) * stride_pkb + g * stride_pkh
+    pv_base = PV + n.to(tl.int64) * stride_pvb + g * stride_pvh
+    for n0 in range(0, p_row, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(PK + g * stride_pkh, cols, stride_pkn, stride_pkd, offs_d, P, D, UPCAST)
-        v = _load_rows(PV + g * stride_pvh, cols, stride_pvn, stride_pvd, offs_d, P, D, UPCAST)
-        dq = _dq_tile(dq, q, do, k, v, cols[None, :] < P, cols.to(tl.float32), cols, rows, row_base, seed, n_cols,
+        k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, p_row, D, UPCAST)
+        v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, p_row, D, UPCAST)
+        dq = _dq_tile(dq, q, do, k, v, cols[None, :] < p_row, cols.to(tl.float32), cols, rows, row_base, seed,
+                      n_cols,
                       lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
                       HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
 
     lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
                               BLOCK_M, BLOCK_N)
-    pos_base = P
+    pos_base = p_row
     if HAS_ALIBI_OFF:
-        pos_base = P + tl.load(ALIBI_OFF + b).to(tl.int32)
+        pos_base = p_row + tl.load(ALIBI_OFF + b).to(tl.int32)
     k_base = K + b64 * stride_kb + g * stride_kh
     v_base = V + b64 * stride_vb + g * stride_vh
     kpm_row = KPM + b64 * stride_mb
