@@ -1,5 +1,7 @@
 // The CUDA launcher of the kernel tags in kernels/dispatch.h: one __global__ template wraps every
-// pass's body; launches go to the current PyTorch stream.
+// pass's body; launches go to the current PyTorch stream. The bound of one block per SM lets ptxas use
+// up to 255 registers (without it, it caps some instantiations lower and spills); shared memory, not
+// registers, is what limits residency at these tile sizes anyway.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -11,7 +13,7 @@
 namespace pk {
 
 template <class K>
-__global__ void __launch_bounds__(K::kThreads) attention_kernel(const typename K::Params p) {
+__global__ void __launch_bounds__(K::kThreads, 1) attention_kernel(const typename K::Params p) {
   extern __shared__ __align__(16) char smem[];
   K::body(p, smem);
 }
