@@ -154,7 +154,7 @@ def register(backend: Backend) -> None:
 register(
     Backend(
         name="cuda",
-        description="CUDA C++ kernels of csrc/ (fp16/bf16 mma.sync, sm_80+; built, not yet validated on hardware)",
+        description="CUDA C++ kernels of csrc/ (fp16/bf16 mma.sync, sm_80+; not yet validated on hardware)",
         device_reasons=_cuda_device_reasons,
         input_reasons=_cuda_input_reasons,
         lse_for_backward=True,

@@ -29,10 +29,7 @@ def emu():
     from tests import emulator
 
     module = emulator.load()
-    impl = types.SimpleNamespace(
-        forward=lambda q, k, v, pk, pv, m, c, s, need: module.fwd(q, k, v, pk, pv, m, c, s, need),
-        backward=lambda do, dl, q, k, v, pk, pv, m, o, lse, c, s: _bwd(module, do, dl, q, k, v, pk, pv, m, o, lse, c, s),
-    )
+    impl = types.SimpleNamespace(forward=module.fwd, backward=lambda *args: _bwd(module, *args))
     backends.register(backends.Backend(
         name=NAME, description="the CUDA kernels on the CPU emulator (tests only)",
         device_reasons=lambda d: [] if d.type == "cpu" else ["emulated on the CPU only"],
