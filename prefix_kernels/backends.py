@@ -102,7 +102,26 @@ def _cuda_device_reasons(device: torch.device) -> list[str]:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return [f"GPU compute capability sm_{major}{minor} is below sm_80 (cp.async and bf16 mma.sync need Ampere)"]
+    archs = _ext.build_info().get("archs")
+    if archs and not archs_cover(archs, major, minor):
+        return [f"the extension was built for TORCH_CUDA_ARCH_LIST={archs!r}, which has no code for sm_{major}{minor} "
+                "(rebuild with that architecture in the list)"]
     return []
+
+
+def archs_cover(archs: str, major: int, minor: int) -> bool:
+    """Whether a TORCH_CUDA_ARCH_LIST ("8.0;9.0", "8.6+PTX", "9.0a") yields code a GPU of compute
+    capability major.minor can run: machine code of the same major and a minor no higher, or PTX of an
+    architecture no newer (which the driver compiles)."""
+    import re
+
+    for m in re.finditer(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", archs):
+        a_major, a_minor, suffix, ptx = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        if a_major == major and a_minor <= minor and (not suffix or a_minor == minor):
+            return True
+        if ptx and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
 
 
 def _cuda_input_reasons(spec: AttentionSpec) -> list[str]:

@@ -189,3 +189,13 @@ def test_backend_functions_refuse_unknown_features():
         cuda_backend.forward(None, None, None, None, None, None, False, 1.0, True, features={"alibi": 1})
     with pytest.raises(NotImplementedError, match="optional features"):
         cuda_backend.backward(*([None] * 10), False, 1.0, features={"softcap": 1})
+
+
+@pytest.mark.parametrize("archs,cap,ok", [
+    ("8.0;9.0", (8, 0), True), ("8.0;9.0", (8, 6), True), ("8.0;9.0", (8, 9), True), ("8.0;9.0", (9, 0), True),
+    ("8.0;9.0", (10, 0), False), ("8.0;9.0", (12, 0), False), ("8.6", (8, 0), False), ("9.0+PTX", (10, 0), True),
+    ("9.0a", (9, 0), True), ("9.0a", (9, 1), False), ("8.0 9.0", (9, 0), True),
+])
+def test_archs_cover(archs, cap, ok):
+    """The cuda backend declines a GPU the build has no code for (say sm_100 with the default list)."""
+    assert backends.archs_cover(archs, *cap) is ok
