@@ -52,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
   return pk::api::backward<EmuRunner>(dout, dlse, q, k, v, pk, pv, kpm, out, lse, causal, scale);
 }
 
-void set_options(bool eager_copies, uint64_t seed) {
+void set_options(bool eager_copies, bool greedy_warps, uint64_t seed) {
   g_options.eager_copies = eager_copies;
+  g_options.greedy_warps = greedy_warps;
   g_options.seed = seed;
 }
 
@@ -62,5 +63,5 @@ void set_options(bool eager_copies, uint64_t seed) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "the CUDA forward, emulated on the CPU");
   m.def("bwd", &bwd, "the CUDA backward, emulated on the CPU");
-  m.def("set_options", &set_options, "cp.async at issue (eager) or at the wait; scheduling seed");
+  m.def("set_options", &set_options, "cp.async at issue (eager) or at the wait; one warp at a time (greedy) or interleaved; seed");
 }

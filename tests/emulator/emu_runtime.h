@@ -1,7 +1,8 @@
 // A CPU emulator of the few CUDA features the kernels of csrc/kernels use, so that their index math
 // runs (slowly) without a GPU. Each CUDA thread of a block is a fiber (ucontext); fibers switch only at
 // block barriers and warp-collective operations, and the scheduler resumes them in a seeded random
-// order. What is emulated, after the PTX ISA:
+// order, either interleaving all threads or running one warp at a time as far as it can go. What is
+// emulated, after the PTX ISA:
 //   mma.m16n8k16 (fp16/bf16 in, fp32 accumulate), ldmatrix .x4 (and .trans), shfl.xor, __syncthreads,
 //   __syncthreads_or, cp.async with commit/wait groups (copied either at issue or, to expose missing
 //   waits and barriers, at the wait that retires them), ex2.approx (exact exp2 here).
@@ -60,6 +61,10 @@ struct Warp {
 
 struct Options {
   bool eager_copies = false;  // copy at issue (true) or at the retiring wait (false)
+  // Run one warp as far as it goes (to a block barrier) before the next, in a random order of warps,
+  // instead of interleaving all threads: maximal skew between warps, which exposes a buffer refilled
+  // while another warp still reads it (with eager copies) or read before it was filled.
+  bool greedy_warps = false;
   uint64_t seed = 0;
 };
 
@@ -129,22 +134,41 @@ inline void run_block(Block& b, std::vector<std::vector<char>>& stacks) {
     makecontext(&f.ctx, trampoline, 0);
   }
   std::mt19937_64 rng(b.opt.seed ^ (uint64_t(b.bx) * 1000003u + uint64_t(b.by) * 10007u + uint64_t(b.bz)));
-  std::vector<int> order(b.nthreads);
+  std::vector<int> order(b.nthreads), warps(b.nthreads / 32), lanes(32);
   std::iota(order.begin(), order.end(), 0);
+  std::iota(warps.begin(), warps.end(), 0);
+  std::iota(lanes.begin(), lanes.end(), 0);
+  // Resume thread t if it can run; false if it is done or parked.
+  auto step = [&](int t) {
+    Fiber& f = b.fibers[t];
+    if (f.done || f.waiting) return false;
+    b.cur = t;
+    swapcontext(&b.sched, &f.ctx);
+    return true;
+  };
   while (true) {
-    std::shuffle(order.begin(), order.end(), rng);
-    bool ran = false, all_done = true;
-    for (int t : order) {
-      Fiber& f = b.fibers[t];
-      if (f.done) continue;
-      all_done = false;
-      if (f.waiting) continue;
-      b.cur = t;
-      ran = true;
-      swapcontext(&b.sched, &f.ctx);
-      if (!b.error.empty()) break;
+    bool ran = false;
+    if (b.opt.greedy_warps) {
+      std::shuffle(warps.begin(), warps.end(), rng);
+      for (int w : warps) {
+        for (bool again = true; again && b.error.empty();) {  // until every lane of w is parked or done
+          again = false;
+          std::shuffle(lanes.begin(), lanes.end(), rng);
+          for (int l : lanes) {
+            if (step(32 * w + l)) again = ran = true;
+            if (!b.error.empty()) break;
+          }
+        }
+      }
+    } else {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int t : order) {
+        if (step(t)) ran = true;
+        if (!b.error.empty()) break;
+      }
     }
     if (!b.error.empty()) throw std::runtime_error(b.error);
+    const bool all_done = std::all_of(b.fibers.begin(), b.fibers.end(), [](const Fiber& f) { return f.done; });
     if (all_done) break;
     if (!ran) {
       throw std::runtime_error("emulated block (" + std::to_string(b.bx) + ", " + std::to_string(b.by) + ", " +
