@@ -134,6 +134,9 @@ def _cuda_input_reasons(spec: AttentionSpec) -> list[str]:
     if spec.head_dim % HEAD_DIM_MULTIPLE or spec.head_dim > MAX_HEAD_DIM:
         reasons.append(f"head dim {spec.head_dim} is not supported (a multiple of {HEAD_DIM_MULTIPLE} up to "
                        f"{MAX_HEAD_DIM}: rows move as 16-byte vectors, and larger tiles are not compiled)")
+    features = list(getattr(spec, "features", ()))  # the optional features, where the spec knows them
+    if features:
+        reasons.append(f"optional features {features} are not implemented by the CUDA kernels yet")
     return reasons
 
 

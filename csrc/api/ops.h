@@ -69,8 +69,7 @@ inline Sizes check_args(const char* op, const Tensor& q, const Tensor& k, const 
                 ": key_padding_mask must have shape (batch=", s.B, ", Lk=", s.Lk, "), got ", kpm->sizes());
   }
   constexpr int64_t kInt = INT32_MAX, kGrid = 65535;
-  TORCH_CHECK(s.Lq <= kInt && s.Lk <= kInt && s.P <= kInt && s.B * s.Hq * s.Lq <= INT64_MAX / 2, op,
-              ": sequence lengths must fit in 32 bits");
+  TORCH_CHECK(s.Lq <= kInt && s.Lk <= kInt && s.P <= kInt, op, ": sequence lengths must fit in 32 bits");
   TORCH_CHECK(s.Hq <= kGrid && s.B <= kGrid, op, ": at most ", kGrid, " heads and batch rows (a grid dimension each)");
   return s;
 }

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -184,11 +185,16 @@ def test_registry_reasons_without_a_gpu():
     assert any(re.search(r"head dim 36 is not supported \(a multiple of 8 up to 128", r) for r in why)
 
 
-def test_backend_functions_refuse_unknown_features():
+def test_backend_functions_refuse_active_features():
+    off = types.SimpleNamespace(alibi_slopes=None, dropout_p=0.0, sliding_window=None, softcap=None)
+    assert cuda_backend.active_features(None) == [] and cuda_backend.active_features(off) == []
     with pytest.raises(NotImplementedError, match="optional features"):
-        cuda_backend.forward(None, None, None, None, None, None, False, 1.0, True, features={"alibi": 1})
-    with pytest.raises(NotImplementedError, match="optional features"):
-        cuda_backend.backward(*([None] * 10), False, 1.0, features={"softcap": 1})
+        cuda_backend.forward(None, None, None, None, None, None, False, 1.0, True, features=types.SimpleNamespace(alibi_slopes=torch.ones(2)))
+    with pytest.raises(NotImplementedError, match=r"\['softcap'\]"):
+        cuda_backend.backward(*([None] * 10), False, 1.0, features=types.SimpleNamespace(softcap=30.0))
+    spec = types.SimpleNamespace(dtype=torch.float16, head_dim=64, features=["softcap"])
+    assert backends._cuda_input_reasons(spec) == ["optional features ['softcap'] are not implemented by the CUDA "
+                                                  "kernels yet"]
 
 
 @pytest.mark.parametrize("archs,cap,ok", [

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from prefix_kernels import backends, prefix_attention
+from prefix_kernels.ops.attention import cuda as cuda_backend
 from prefix_kernels.testing import assert_parity, check_backend, make_inputs
 
 from .cases import case_id, covering_grid
@@ -29,7 +30,7 @@ def emu():
     from tests import emulator
 
     module = emulator.load()
-    impl = types.SimpleNamespace(forward=module.fwd, backward=lambda *args: _bwd(module, *args))
+    impl = types.SimpleNamespace(forward=lambda *args: _fwd(module, *args), backward=lambda *args: _bwd(module, *args))
     backends.register(backends.Backend(
         name=NAME, description="the CUDA kernels on the CPU emulator (tests only)",
         device_reasons=lambda d: [] if d.type == "cpu" else ["emulated on the CPU only"],
@@ -39,7 +40,13 @@ def emu():
     backends._REGISTRY.pop(NAME)
 
 
-def _bwd(module, dout, dlse, q, k, v, pk, pv, mask, out, lse, causal, scale):
+def _fwd(module, q, k, v, pk, pv, mask, causal, scale, need_lse, features=None):
+    cuda_backend._no_features(features)  # the cuda backend's own policy
+    return module.fwd(q, k, v, pk, pv, mask, causal, scale, need_lse)
+
+
+def _bwd(module, dout, dlse, q, k, v, pk, pv, mask, out, lse, causal, scale, features=None):
+    cuda_backend._no_features(features)
     dq, dk, dv, dpk, dpv = module.bwd(dout, dlse, q, k, v, pk, pv, mask, out, lse, causal, scale)
     return (dq, dk, dv, None, None) if pk is None else (dq, dk, dv, dpk, dpv)
 

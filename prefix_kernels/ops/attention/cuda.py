@@ -26,9 +26,28 @@ def _ops():
     return torch.ops.prefix_kernels
 
 
+def active_features(features) -> list[str]:
+    """Names of the optional features switched on in a backend call's ``features`` (None: none). The
+    kernels implement none of them yet (ALiBi, dropout, sliding window, softcap): the registry declines
+    such inputs with that reason, and these functions refuse them."""
+    if features is None:
+        return []
+    active = []
+    if getattr(features, "alibi_slopes", None) is not None:
+        active.append("alibi")
+    if getattr(features, "dropout_p", 0.0):
+        active.append("dropout")
+    if getattr(features, "sliding_window", None) is not None:
+        active.append("sliding_window")
+    if getattr(features, "softcap", None) is not None:
+        active.append("softcap")
+    return active
+
+
 def _no_features(features) -> None:
-    if features is not None:
-        raise NotImplementedError(f"the cuda backend does not support the optional features {features!r} yet")
+    active = active_features(features)
+    if active:
+        raise NotImplementedError(f"the cuda backend does not support the optional features {active} yet")
 
 
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse, features=None):
