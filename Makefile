@@ -1,12 +1,14 @@
 # The two set-up commands of a fresh machine (see README): `make demo` and `make test`.
-# Each installs what it needs into the current Python environment first.
+# Each installs what it needs into the current Python environment first. The editable install compiles
+# the CUDA extension of csrc/ when torch is a CUDA build and nvcc is found (about 5 minutes on 2 cores;
+# PREFIX_KERNELS_SKIP_CUDA_BUILD=1 skips it, MAX_JOBS / NVCC_THREADS / TORCH_CUDA_ARCH_LIST tune it).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
 .PHONY: install install-test demo test lint report bench
 
 install:
-	$(PIP) install -q torch==2.14.1 numpy==2.4.6
+	$(PIP) install -q torch==2.14.1 numpy==2.4.6 ninja==1.13.2
 	$(PIP) install -q --no-build-isolation -e .
 
 install-test:

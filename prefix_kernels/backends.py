@@ -89,12 +89,71 @@ def _triton_input_reasons(spec: AttentionSpec) -> list[str]:
     return reasons
 
 
+def _cuda_device_reasons(device: torch.device) -> list[str]:
+    from . import _ext
+
+    if _ext.load() is None:
+        return [f"the CUDA extension prefix_kernels._C is not available ({_ext.error()}; "
+                f"build record: {_ext.build_info().get('extension', 'none')})"]
+    if device.type != "cuda":
+        return [f"tensors are on {device.type!r}, not a CUDA device (the CUDA kernels need a CUDA tensor)"]
+    if torch.version.hip is not None:
+        return ["ROCm builds of PyTorch are not supported by the CUDA kernels"]
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"GPU compute capability sm_{major}{minor} is below sm_80 (cp.async and bf16 mma.sync need Ampere)"]
+    archs = _ext.build_info().get("archs")
+    if archs and not archs_cover(archs, major, minor):
+        return [f"the extension was built for TORCH_CUDA_ARCH_LIST={archs!r}, which has no code for sm_{major}{minor} "
+                "(rebuild with that architecture in the list)"]
+    return []
+
+
+def archs_cover(archs: str, major: int, minor: int) -> bool:
+    """Whether a TORCH_CUDA_ARCH_LIST ("8.0;9.0", "8.6+PTX", "9.0a") yields code a GPU of compute
+    capability major.minor can run: machine code of the same major and a minor no higher, or PTX of an
+    architecture no newer (which the driver compiles)."""
+    import re
+
+    for m in re.finditer(r"(\d+)\.(\d+)([a-z]?)(\+PTX)?", archs):
+        a_major, a_minor, suffix, ptx = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+        if a_major == major and a_minor <= minor and (not suffix or a_minor == minor):
+            return True
+        if ptx and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _cuda_input_reasons(spec: AttentionSpec) -> list[str]:
+    from .ops.attention.cuda import DTYPES, HEAD_DIM_MULTIPLE, MAX_HEAD_DIM
+
+    reasons = []
+    if spec.dtype not in DTYPES:
+        reasons.append(f"dtype {spec.dtype} is not supported (float16, bfloat16: the kernels run fp16/bf16 "
+                       "tensor-core products)")
+    if spec.head_dim % HEAD_DIM_MULTIPLE or spec.head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head dim {spec.head_dim} is not supported (a multiple of {HEAD_DIM_MULTIPLE} up to "
+                       f"{MAX_HEAD_DIM}: rows move as 16-byte vectors, and larger tiles are not compiled)")
+    if spec.features:
+        reasons.append(f"optional features {spec.features} are not implemented by the CUDA kernels yet")
+    if spec.prefix_count > 1 or spec.has_prefix_index or spec.has_prefix_lengths:
+        reasons.append("prefix banks (prefix_index / prefix_lengths, or more than one prefix) are not implemented "
+                       "by the CUDA kernels yet")
+    return reasons
+
+
 def _torch_device_reasons(device: torch.device) -> list[str]:
     return []
 
 
 def _torch_input_reasons(spec: AttentionSpec) -> list[str]:
     return []
+
+
+def _import_cuda_impl():
+    from .ops.attention import cuda
+
+    return cuda
 
 
 def _import_triton_impl():
@@ -116,6 +175,16 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
+register(
+    Backend(
+        name="cuda",
+        description="CUDA C++ kernels of csrc/ (fp16/bf16 mma.sync, sm_80+; not yet validated on hardware)",
+        device_reasons=_cuda_device_reasons,
+        input_reasons=_cuda_input_reasons,
+        lse_for_backward=True,
+        _impl=_import_cuda_impl,
+    )
+)
 register(
     Backend(
         name="triton",

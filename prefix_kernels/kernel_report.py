@@ -1,4 +1,4 @@
-"""Static report of the shipped Triton kernels, with no GPU needed.
+"""Static report of the shipped Triton and CUDA kernels, with no GPU needed.
 
 Every tile configuration the launchers can pick (``shipped_configs`` of ``ops.attention.triton_impl``
 and of ``ops.reparam.triton_impl``) is compiled ahead of time for sm80 and sm90 with the signature a
@@ -14,6 +14,12 @@ options Triton uses are the ones measured), and whether the PTX uses tensor core
     python -m prefix_kernels.kernel_report [--arch 80 90] [--only reparam_] [--json out.json] [--jobs N]
 
 Must run without TRITON_INTERPRET (the interpreter cannot compile); the tests call it in a subprocess.
+
+The CUDA kernels of the built extension (prefix_kernels._C) are read back from the library itself:
+``cuobjdump --dump-resource-usage`` gives each instantiation's registers, stack frame (where spills go)
+and local memory for every architecture it was built for, joined with the dynamic shared memory and
+tiles of ``_C.kernel_table()``. cuobjdump comes from CUDA_HOME/bin or the ``nvidia-cuda-cuobjdump``
+wheel (requirements-test.txt).
 """
 
 from __future__ import annotations
@@ -259,21 +265,147 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class CudaRow:
+    kernel: str
+    arch: int
+    dtype: str
+    head_dim: int
+    causal: bool
+    block_m: int = 0
+    block_n: int = 0
+    threads: int = 0
+    shared: int = -1  # dynamic shared memory per block, bytes
+    smem_limit: int = 0
+    registers: int = -1
+    stack: int = -1  # stack frame bytes: spills land here
+    local: int = -1
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (not self.error and 0 <= self.shared <= self.smem_limit and self.stack == 0 and self.local == 0
+                and 0 < self.registers <= 255)
+
+
+_CUDA_PASSES = {"FwdKernel": "fwd", "DqKernel": "bwd_dq", "PreprocessKernel": "bwd_preprocess",
+                "PrefixReduceKernel": "bwd_prefix_reduce"}
+_MANGLED = re.compile(r"attention_kernelINS_\d+(\w+?Kernel)INS_4(Fp16|Bf16)E(?:Li(\d+)E)?(?:Lb([01])E)?(?:Lb([01])E)?")
+
+
+def find_cuobjdump() -> str | None:
+    import importlib.util
+    import shutil
+
+    candidates = [shutil.which("cuobjdump")]
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root:
+            candidates.append(os.path.join(root, "bin", "cuobjdump"))
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13", "cu12", "cuda_cuobjdump"):
+            candidates.append(os.path.join(base, sub, "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def _parse_kernel_name(name: str) -> tuple[str, str, int, bool] | None:
+    m = _MANGLED.search(name)
+    if not m:
+        return None
+    cls, dtype, hd, flag1, flag2 = m.groups()
+    if cls == "DkdvKernel":
+        kernel = "bwd_prefix_dkdv" if flag2 == "1" else "bwd_dkdv"
+    else:
+        kernel = _CUDA_PASSES[cls]
+    return kernel, dtype.lower(), int(hd or 0), flag1 == "1"
+
+
+def cuda_rows() -> list[CudaRow]:
+    """One row per (kernel instantiation, architecture) of the built extension."""
+    from . import _ext
+
+    module = _ext.load()
+    if module is None:
+        raise RuntimeError(f"the CUDA extension is not available: {_ext.error()}")
+    tool = find_cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (CUDA_HOME/bin, PATH, or pip install nvidia-cuda-cuobjdump)")
+    table = {(r["pass"], r["dtype"], r["head_dim"], r["causal"]): r for r in json.loads(module.kernel_table())}
+    dump = subprocess.run([tool, "--dump-resource-usage", module.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    rows, arch = [], 0
+    for line in dump.splitlines():
+        line = line.strip()
+        if line.startswith("arch = sm_"):
+            arch = int(line.split("sm_")[1])
+        elif line.startswith("Function ") and "attention_kernel" in line:
+            parsed = _parse_kernel_name(line)
+            if parsed:
+                row = CudaRow(parsed[0], arch, parsed[1], parsed[2], parsed[3])
+            else:
+                row = CudaRow("?", arch, "?", 0, False, error=f"unrecognised kernel {line}")
+            rows.append(row)
+        elif line.startswith("REG:") and rows:
+            fields = dict(item.split(":", 1) for item in line.split())
+            row = rows[-1]
+            row.registers, row.stack, row.local = int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"])
+    for row in rows:
+        entry = table.get((row.kernel, row.dtype, row.head_dim, row.causal))
+        row.smem_limit = SMEM_LIMIT.get(row.arch, 0)
+        if entry is None:
+            row.error = row.error or "not in the kernel table"
+            continue
+        row.block_m, row.block_n, row.threads, row.shared = (entry["block_m"], entry["block_n"], entry["threads"],
+                                                             entry["smem"])
+    rows.sort(key=lambda r: (r.arch, r.kernel, r.dtype, r.head_dim, r.causal))
+    return rows
+
+
+def format_cuda_table(rows: list[CudaRow]) -> str:
+    head = (f"{'cuda kernel':18} {'arch':>4} {'dtype':5} {'D':>3} {'causal':6} {'tile':>7} {'thr':>4} {'smem KB':>8} "
+            f"{'regs':>4} {'stack':>5} {'local':>5} status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        status = "ok" if r.ok else ("ERROR " + r.error if r.error else "CHECK")
+        tile = f"{r.block_m}x{r.block_n}" if r.block_m else "-"
+        lines.append(f"{r.kernel:18} {r.arch:>4} {r.dtype:5} {r.head_dim:>3} {str(r.causal):6} {tile:>7} "
+                     f"{r.threads:>4} {r.shared / 1024:>8.1f} {r.registers:>4} {r.stack:>5} {r.local:>5} {status}")
+    bad = sum(not r.ok for r in rows)
+    lines.append(f"{len(rows)} CUDA kernel instantiations, {bad} with a problem (over shared memory, a stack "
+                 "frame or local memory, i.e. spills, or not in the kernel table)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
-    parser.add_argument("--only", help="only the kernels whose name starts with this (e.g. reparam_)")
+    parser.add_argument(
+        "--only",
+        help="report one kind of kernel: 'cuda', 'triton', or the Triton kernels whose name starts with "
+        "this (e.g. reparam_)",
+    )
     args = parser.parse_args(argv)
-    rows = run(tuple(args.arch), args.jobs, only=args.only)
+    ok = True
+    if args.only in (None, "cuda"):
+        try:
+            crows = cuda_rows()
+        except RuntimeError as e:
+            print(f"CUDA kernels: not reported ({e})")
+        else:
+            print(format_cuda_table(crows) + "\n")
+            ok &= all(r.ok for r in crows)
+    if args.only == "cuda":
+        return 0 if ok else 1
+    rows = run(tuple(args.arch), args.jobs, only=None if args.only in (None, "triton") else args.only)
     print(format_table(rows))
     if args.json:
         import triton
 
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "rows": [asdict(r) | {"ok": r.ok} for r in rows]}, f, indent=1)
-    return 0 if all(r.ok for r in rows) else 1
+    return 0 if ok and all(r.ok for r in rows) else 1
 
 
 if __name__ == "__main__":

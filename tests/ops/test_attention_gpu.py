@@ -1,5 +1,5 @@
-"""GPU-only parity: bf16, the shipped tile configurations (the interpreter uses 32 x 32 tiles only),
-larger shapes and 64-bit offsets. Skipped without CUDA."""
+"""GPU-only parity of the triton and cuda backends: bf16, the shipped tile configurations (the
+interpreter uses 32 x 32 tiles only), larger shapes and 64-bit offsets. Skipped without CUDA."""
 
 import itertools
 
@@ -45,6 +45,54 @@ def test_triton_gpu_grid(case):
     assert_parity(check_backend(inputs, "triton", causal=causal))
 
 
+def _cuda_grid():
+    """The same covering grid, where the CUDA kernels serve it: fp16/bf16, head dims multiple of 8 up to 128."""
+    return [c for c in _grid() if c["dtype"] != torch.float32 and c["head_dim"] % 8 == 0 and c["head_dim"] <= 128]
+
+
+@pytest.mark.parametrize("case", _cuda_grid(), ids=_id)
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_cuda_gpu_grid(case, lse_grad):
+    case = dict(case)
+    causal, dtype = case.pop("causal"), case.pop("dtype")
+    inputs = make_inputs(**case, dtype=dtype, device="cuda")
+    assert_parity(check_backend(inputs, "cuda", causal=causal, lse_grad=lse_grad))
+
+
+@pytest.mark.parametrize("padding", ["empty", "left"])
+def test_cuda_gpu_edge_rows(padding):
+    """Rows that see no key (P = 0, a fully padded row, causal Lq > Lk) and a decode step."""
+    for kw in (dict(len_q=70, len_k=33, prefix_len=0), dict(len_q=1, len_k=300, prefix_len=16)):
+        inputs = make_inputs(batch=3, heads_q=8, heads_kv=2, head_dim=64, padding=padding, dtype=torch.float16,
+                             device="cuda", **kw)
+        assert_parity(check_backend(inputs, "cuda", causal=True, lse_grad=True))
+
+
+def test_cuda_prefix_gradient_is_bitwise_deterministic():
+    inputs = make_inputs(batch=16, heads_q=8, heads_kv=2, len_q=256, len_k=256, prefix_len=64, head_dim=128,
+                         dtype=torch.bfloat16, device="cuda", padding="right")
+    leaves = [inputs[n].detach().requires_grad_() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    grads = []
+    for _ in range(3):
+        out = prefix_attention(*leaves, causal=True, key_padding_mask=inputs["key_padding_mask"], backend="cuda")
+        grads.append(torch.autograd.grad(out.float().square().sum(), leaves))
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other, strict=True))
+
+
+def test_cuda_compiled_matches_eager():
+    torch._dynamo.reset()
+    inputs = make_inputs(batch=2, heads_q=8, heads_kv=2, len_q=65, len_k=65, prefix_len=16, head_dim=64,
+                         dtype=torch.bfloat16, device="cuda", padding="left")
+    mask = inputs["key_padding_mask"]
+
+    def layer(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=mask, backend="cuda").float().sum()
+
+    args = [inputs[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(*args), layer(*args))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_torch_backend_on_gpu(dtype):
     inputs = make_inputs(batch=2, heads_q=8, heads_kv=2, len_q=65, len_k=129, prefix_len=16, head_dim=64,
@@ -52,9 +100,13 @@ def test_torch_backend_on_gpu(dtype):
     assert_parity(check_backend(inputs, "torch", causal=True))
 
 
-def test_auto_picks_triton_on_gpu():
+def test_auto_picks_cuda_then_triton_on_gpu():
+    from prefix_kernels import _ext
+
     q = torch.randn(2, 4, 8, 64, device="cuda", dtype=torch.bfloat16)
-    assert select_backend(q, q, q) == "triton"
+    assert select_backend(q, q, q) == ("cuda" if _ext.load() is not None else "triton")
+    q16 = torch.randn(2, 4, 8, 256, device="cuda", dtype=torch.bfloat16)
+    assert select_backend(q16, q16, q16) == "triton"  # the CUDA kernels stop at head dim 128
     q32 = torch.randn(2, 4, 8, 256, device="cuda")
     assert select_backend(q32, q32, q32) == "torch"  # fp32 above D = 128: declined with a reason
     with pytest.raises(BackendUnavailableError, match="float32 at head dim 256"):
