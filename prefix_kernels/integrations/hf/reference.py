@@ -1,0 +1,84 @@
+"""The eager model-level reference: a prefix injected PEFT's way.
+
+The same transformers model (typically a copy loaded with ``attn_implementation="eager"``), run with the prefix in
+a ``DynamicCache`` (one copy per batch row), P ones prepended to the attention mask, and explicit position ids
+shifted by P, as PEFT's ``get_prompt`` / ``prepare_inputs_for_generation`` do. This is the truth the integration
+is tested against, and the baseline the demo times; it is written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which this transformers version's models take a cache ("cache" from 5.24 on, before that
+    "past_key_values"; 5.24 still accepts the old name with a deprecation warning)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def prefix_cache(model: nn.Module, prefix: torch.Tensor, batch_size: int):
+    """A DynamicCache holding the prefix as the first P positions of every layer.
+
+    ``prefix``: ``[num_layers, 2, Hkv, P, D]`` (shared by the batch, expanded to B copies as PEFT does) or
+    ``[B, num_layers, 2, Hkv, P, D]`` (one per row, as PEFT's per-row encoder makes it).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer in range(prefix.shape[-5]):
+        if prefix.dim() == 6:
+            keys, values = prefix[:, layer, 0], prefix[:, layer, 1]
+        else:
+            keys = prefix[layer, 0].unsqueeze(0).expand(batch_size, -1, -1, -1)
+            values = prefix[layer, 1].unsqueeze(0).expand(batch_size, -1, -1, -1)
+        cache.update(keys.contiguous(), values.contiguous(), layer)
+    return cache
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def eager_forward(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, **kwargs):
+    """``model(input_ids, ...)`` with ``prefix`` (``[L, 2, Hkv, P, D]`` or per row) injected PEFT's way."""
+    batch = input_ids.shape[0]
+    prefix_len = prefix.shape[-2]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ones = torch.ones(batch, prefix_len, dtype=attention_mask.dtype, device=attention_mask.device)
+    extra = {cache_keyword(model): prefix_cache(model, prefix, batch)}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids + prefix_len  # PEFT shifts explicit positions by P
+    return model(input_ids=input_ids, attention_mask=torch.cat([ones, attention_mask], dim=1), **extra, **kwargs)
+
+
+@torch.no_grad()
+def eager_greedy(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with the prefix held in the cache, as PEFT generates: returns ``[B, L + max_new_tokens]``.
+
+    Position ids follow ``generate()``: the running count of real tokens (pads at 0), shifted by P.
+    """
+    batch, prefix_len = input_ids.shape[0], prefix.shape[-2]
+    keyword = cache_keyword(model)
+    cache = prefix_cache(model, prefix, batch)
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    tokens, step = input_ids, input_ids
+    for _ in range(max_new_tokens):
+        ones = torch.ones(batch, prefix_len, dtype=mask.dtype, device=mask.device)
+        kwargs = {keyword: cache, "attention_mask": torch.cat([ones, mask], dim=1), "use_cache": True}
+        if _accepts(model, "position_ids"):
+            kwargs["position_ids"] = positions + prefix_len
+        logits = model(input_ids=step, **kwargs).logits[:, -1]
+        step = logits.argmax(dim=-1, keepdim=True)
+        tokens = torch.cat([tokens, step], dim=1)
+        mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        positions = positions[:, -1:] + 1
+    return tokens

@@ -1,0 +1,74 @@
+"""The prefix of one prefix-tuned model, computed once per forward, and the per-module slots that read it.
+
+:class:`PrefixState` owns nothing but references: the :class:`~prefix_kernels.PrefixEncoder` (a submodule of
+the model) and per-forward results. A forward pre-hook on the base model calls :meth:`PrefixState.begin_forward`;
+the first attention that needs the prefix then computes every layer's prefix in one encoder call (in the
+attention's dtype), and every other layer reads its slice. The tensor stays referenced until the next forward,
+so that gradient checkpointing recomputes the layers against the very prefix of their forward.
+
+:class:`PrefixSlot` is what each attention module holds: its own layer's index into that prefix (not looked up
+through ``layer_idx``, which e.g. T5 shares between self- and cross-attention). ``fetch`` is the one place
+where a module obtains its prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...modules import PrefixEncoder
+from .positions import alibi_slopes
+
+
+class PrefixState:
+    """Shared by the slots of one model. ``enabled`` is False inside ``handle.disabled()``."""
+
+    def __init__(self, encoder: PrefixEncoder, *, backend: str, shift_positions: bool):
+        self.encoder = encoder
+        self.backend = backend
+        self.shift_positions = shift_positions
+        self.enabled = True
+        self._prefix: dict[torch.dtype, torch.Tensor] = {}
+        self.fetches = 0
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.encoder.num_virtual_tokens
+
+    def begin_forward(self, *_args) -> None:
+        """Forget the previous forward's prefix (forward pre-hook of the base model)."""
+        self._prefix = {}
+        self.fetches = 0
+
+    def prefix(self, dtype: torch.dtype) -> torch.Tensor:
+        """Every layer's prefix ``[num_layers, 2, Hkv, P, D]`` in ``dtype``, computed once per forward."""
+        prefix = self._prefix.get(dtype)
+        if prefix is None:
+            prefix = self.encoder(dtype=dtype)
+            self._prefix[dtype] = prefix
+        return prefix
+
+
+class PrefixSlot:
+    """One attention module's place in the prefix: layer ``index`` of ``state``."""
+
+    def __init__(self, state: PrefixState, index: int, previous: str):
+        self.state = state
+        self.index = index
+        self.previous = previous  # the attention implementation that served this module before
+        self._alibi: dict[torch.device, torch.Tensor] = {}
+
+    def alibi_slopes(self, num_heads: int, device: torch.device) -> torch.Tensor:
+        """ALiBi slopes ``[num_heads]`` fp32 on ``device``, made once per device (for families with ALiBi)."""
+        slopes = self._alibi.get(device)
+        if slopes is None:
+            slopes = self._alibi[device] = alibi_slopes(num_heads, device)
+        return slopes
+
+    def fetch(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (prefix_k, prefix_v), each ``[Hkv, P, D]`` in ``dtype`` (views, shared by the batch)."""
+        self.state.fetches += 1
+        layer = self.state.prefix(dtype)[self.index]
+        return layer[0], layer[1]
+
+    def __repr__(self) -> str:
+        return f"PrefixSlot(layer={self.index}, previous={self.previous!r})"
