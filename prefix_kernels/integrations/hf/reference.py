@@ -21,15 +21,18 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def prefix_cache(model: nn.Module, prefix: torch.Tensor, batch_size: int):
+def prefix_cache(model: nn.Module, prefix: torch.Tensor, batch_size: int, *, layer_types: bool = True):
     """A DynamicCache holding the prefix as the first P positions of every layer.
+
+    ``layer_types``: build the cache from the model's config, as transformers and PEFT do (sliding-window layers
+    then keep only the last W - 1 positions); False: plain layers that keep every position.
 
     ``prefix``: ``[num_layers, 2, Hkv, P, D]`` (shared by the batch, expanded to B copies as PEFT does) or
     ``[B, num_layers, 2, Hkv, P, D]`` (one per row, as PEFT's per-row encoder makes it).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if layer_types else DynamicCache()
     for layer in range(prefix.shape[-5]):
         if prefix.dim() == 6:
             keys, values = prefix[:, layer, 0], prefix[:, layer, 1]
