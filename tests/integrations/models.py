@@ -29,7 +29,8 @@ def _config(family: str, **overrides):
         return t.RobertaConfig(**COMMON, **ENCODER_DROPOUTS, pad_token_id=1, max_position_embeddings=40, **overrides)
     if family == "gpt2":
         return t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **overrides)
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.2,
+                            **overrides)
     if family == "llama":
         return t.LlamaConfig(**COMMON, num_key_value_heads=2, **overrides)
     if family == "qwen2":
@@ -51,7 +52,7 @@ def _config(family: str, **overrides):
                            **overrides)
     if family == "bloom":
         return t.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0,
-                             attention_dropout=0.0, **overrides)
+                             attention_dropout=0.0, initializer_range=0.2, **overrides)
     raise ValueError(family)
 
 
@@ -64,7 +65,9 @@ _CLASS_PREFIX = {"bert": "Bert", "roberta": "Roberta", "gpt2": "GPT2", "llama": 
 
 
 def build(family: str, head: str = "lm", seed: int = 0, **overrides):
-    """A tiny model of ``family`` with the given head, in eval mode, with random weights from ``seed``."""
+    """A tiny model of ``family`` with the given head, in eval mode, with random weights from ``seed``. (GPT-2 and
+    Bloom are initialised 10x wider than their defaults: at the default, their tied embeddings decide the greedy
+    tokens alone and a prefix could not change them.)"""
     name = _CLASS_PREFIX[family] + HEADS[head]
     if family == "gpt2" and head == "lm":
         name = "GPT2LMHeadModel"
