@@ -24,9 +24,10 @@ ENCODER_DROPOUTS = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 
 def _config(family: str, **overrides):
     t = transformers
     if family == "bert":
-        return t.BertConfig(**COMMON, **ENCODER_DROPOUTS, **overrides)
+        return t.BertConfig(**COMMON, **{**ENCODER_DROPOUTS, **overrides})
     if family == "roberta":
-        return t.RobertaConfig(**COMMON, **ENCODER_DROPOUTS, pad_token_id=1, max_position_embeddings=40, **overrides)
+        return t.RobertaConfig(**COMMON, pad_token_id=1, max_position_embeddings=40,
+                               **{**ENCODER_DROPOUTS, **overrides})
     if family == "gpt2":
         return t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, initializer_range=0.2,

@@ -77,7 +77,8 @@ class PrefixHandle:
         modules_to_save: qualified name -> the trainable copy of each task head swapped into the model.
     """
 
-    def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder):
+    def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder,
+                 modules: list[nn.Module]):
         self.model = model
         self.config = config
         self.family = family
@@ -86,7 +87,8 @@ class PrefixHandle:
         self.task_type: str | None = None
         self._undo: list = []
         self._configs: list = []  # (config, previous implementation)
-        self.state = PrefixState(encoder, backend=config.backend, shift_positions=config.shift_positions)
+        self.state = PrefixState(encoder, backend=config.backend, shift_positions=config.shift_positions,
+                                 probe=modules[0])
 
     # ---------------------------------------------------------------- public
     @property
@@ -222,6 +224,8 @@ class PrefixHandle:
             own = getattr(module, "config", None)
             slot = PrefixSlot(self.state, index, (previous[id(own)] if own is not None else None) or model_previous)
             self._set_attr(module, SLOT_ATTR, slot)
+            if family.alibi:  # made now, so that a compiled forward finds them and does not recompile
+                slot.alibi_slopes(module.num_heads, self.state.probe_device())
             if family.forward is not None:
                 self._set_attr(module, "forward", types.MethodType(family.forward, module))
         spec = family.positions
@@ -288,7 +292,7 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig) -> PrefixHandle:
                             prefix_dropout=config.prefix_dropout, backend=config.backend,
                             device=None if param is None else param.device,
                             dtype=config.encoder_dtype or torch.float32)
-    handle = PrefixHandle(model, config, family, encoder)
+    handle = PrefixHandle(model, config, family, encoder, modules)
     try:
         handle._install(modules)
     except BaseException:

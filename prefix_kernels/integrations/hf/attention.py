@@ -69,6 +69,16 @@ def dense_prefix_attention(query, key, value, prefix_k, prefix_v, mask: torch.Te
     return torch.matmul(probs.to(values.dtype), values)
 
 
+def compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The one dtype the op computes in: the autocast dtype under autocast (RoPE tables are fp32, so q and k
+    arrive promoted while v stays in the autocast dtype, and eager attention's matmuls run in the autocast
+    dtype), else the promotion of the three."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+
+
 def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask, dropout: float = 0.0, scaling: float | None = None,
                              sliding_window: int | None = None, softcap: float | None = None, **kwargs):
@@ -81,7 +91,9 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         previous = slot.state.previous if slot is not None else previous_implementation(module.config)
         return _delegate(module, previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
-    prefix_k, prefix_v = slot.fetch(query.dtype)
+    dtype = compute_dtype(query, key, value)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    prefix_k, prefix_v = slot.fetch(dtype)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dense = attention_mask if isinstance(attention_mask, torch.Tensor) else None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.attention import prefix_attention
-from .attention import SLOT_ATTR
+from .attention import SLOT_ATTR, compute_dtype
 from .masks import PrefixMask
 
 
@@ -50,7 +50,9 @@ def bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask
         offsets = (torch.zeros(batch, dtype=torch.int64, device=query.device) if offsets is None else offsets) \
             - prefix_len
     slopes = slot.alibi_slopes(self.num_heads, query.device)
-    prefix_k, prefix_v = slot.fetch(query.dtype)
+    dtype = compute_dtype(query, key, value)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    prefix_k, prefix_v = slot.fetch(dtype)
     dropout = self.attention_dropout.p if self.training else 0.0
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=True, key_padding_mask=key_padding_mask,
                            softmax_scale=float(self.inv_norm_factor), alibi_slopes=slopes, alibi_offsets=offsets,

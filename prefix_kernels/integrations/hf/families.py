@@ -35,6 +35,7 @@ class Family:
         positions: where position ids enter, to shift them by P; None when positions come from elsewhere.
         forward: a replacement ``forward(self, ...)`` bound to each attention module instance, for a family whose
             attention does not call transformers' AttentionInterface; None for the rest.
+        alibi: the family's attention adds ALiBi biases (its slots keep the slopes, one tensor per device).
         features: what the family's attention uses, for the README (informative).
     """
 
@@ -44,6 +45,7 @@ class Family:
     attention: str
     positions: PositionSpec | None
     forward: Callable | None = None
+    alibi: bool = False
     features: str = ""
 
     def attention_modules(self, model: nn.Module, num_layers: int) -> list[nn.Module]:
@@ -89,7 +91,7 @@ FAMILIES: tuple[Family, ...] = (
            features="causal, RoPE, GQA, logit softcap, alternating sliding-window layers"),
     Family("OPT", ("opt",), "decoder.layers", "self_attn", PositionSpec("decoder.embed_positions", 2, "position_ids"),
            features="causal, learned positions from the mask cumsum (pads at -1)"),
-    Family("Bloom", ("bloom",), "h", "self_attention", None, forward=bloom_attention_forward,
+    Family("Bloom", ("bloom",), "h", "self_attention", None, forward=bloom_attention_forward, alibi=True,
            features="causal, ALiBi (instance-level forward: Bloom's attention is not on the AttentionInterface)"),
 )
 

@@ -1,10 +1,12 @@
 """The prefix of one prefix-tuned model, computed once per forward, and the per-module slots that read it.
 
 :class:`PrefixState` owns nothing but references: the :class:`~prefix_kernels.PrefixEncoder` (a submodule of
-the model) and per-forward results. A forward pre-hook on the base model calls :meth:`PrefixState.begin_forward`;
-the first attention that needs the prefix then computes every layer's prefix in one encoder call (in the
-attention's dtype), and every other layer reads its slice. The tensor stays referenced until the next forward,
-so that gradient checkpointing recomputes the layers against the very prefix of their forward.
+the model) and per-forward results. A forward pre-hook on the base model calls :meth:`PrefixState.begin_forward`,
+which computes every layer's prefix in one encoder call, in the dtype the attention will see (the attention
+weights' dtype, or the autocast dtype); every layer then reads its slice. Computing it there, before any layer
+runs, keeps it out of the layers' checkpointed regions: gradient checkpointing recomputes each layer against the
+very prefix tensor of its forward (the tensor stays referenced until the next forward). A layer that sees another
+dtype gets the prefix computed for that dtype on first use.
 
 :class:`PrefixSlot` is what each attention module holds: its own layer's index into that prefix (not looked up
 through ``layer_idx``, which e.g. T5 shares between self- and cross-attention). ``fetch`` is the one place
@@ -22,8 +24,9 @@ from .positions import alibi_slopes
 class PrefixState:
     """Shared by the slots of one model. ``enabled`` is False inside ``handle.disabled()``."""
 
-    def __init__(self, encoder: PrefixEncoder, *, backend: str, shift_positions: bool):
+    def __init__(self, encoder: PrefixEncoder, *, backend: str, shift_positions: bool, probe: torch.nn.Module):
         self.encoder = encoder
+        self.probe = probe  # an attention module: its weights' dtype is the attention's dtype
         self.backend = backend
         self.shift_positions = shift_positions
         self.enabled = True
@@ -34,10 +37,28 @@ class PrefixState:
     def num_virtual_tokens(self) -> int:
         return self.encoder.num_virtual_tokens
 
+    def probe_device(self) -> torch.device:
+        weight = next(self.probe.parameters(), None)
+        return torch.device("cpu") if weight is None else weight.device
+
+    def attention_dtype(self) -> torch.dtype | None:
+        """The dtype q will have in the attention: the autocast dtype under autocast, else the weights' dtype."""
+        weight = next(self.probe.parameters(), None)
+        if weight is None or not weight.is_floating_point():
+            return None
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return weight.dtype
+
     def begin_forward(self, *_args) -> None:
-        """Forget the previous forward's prefix (forward pre-hook of the base model)."""
+        """Forward pre-hook of the base model: forget the previous forward's prefix and compute this one's."""
         self._prefix = {}
         self.fetches = 0
+        if self.enabled:
+            dtype = self.attention_dtype()
+            if dtype is not None:
+                self.prefix(dtype)
 
     def prefix(self, dtype: torch.dtype) -> torch.Tensor:
         """Every layer's prefix ``[num_layers, 2, Hkv, P, D]`` in ``dtype``, computed once per forward."""
