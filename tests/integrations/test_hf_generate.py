@@ -18,18 +18,40 @@ def _generate(model, ids, mask, cache_implementation):
                           cache_implementation=cache_implementation, pad_token_id=1)
 
 
+def _check_generate(model, ref, handle, ids, mask, cache_implementation):
+    """Tokens equal to the eager reference's greedy tokens, and every step's logits close to its logits."""
+    with torch.no_grad():
+        tokens, logits = eager_greedy(ref, handle.prefix(), ids, torch.ones_like(ids) if mask is None else mask,
+                                      NEW_TOKENS, return_logits=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         cache_implementation=cache_implementation, pad_token_id=1, return_dict_in_generate=True,
+                         output_logits=True)
+    assert torch.equal(out.sequences, tokens), cache_implementation
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), logits, rtol=1e-5, atol=1e-5)
+    return tokens
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_greedy_matches_eager_reference(family):
     model = build(family)
     ref = eager_copy(model)
     handle = apply(model)  # a table prefix: strong enough to change the tokens of these tiny models
     ids, mask = batch(padding="left")
-    with torch.no_grad():
-        expected = eager_greedy(ref, handle.prefix(), ids, mask, NEW_TOKENS)
     for cache in ("dynamic", "static"):
-        assert torch.equal(_generate(model, ids, mask, cache), expected), cache
+        expected = _check_generate(model, ref, handle, ids, mask, cache)
     with handle.disabled():  # and the prefix changed what was generated
         assert not torch.equal(_generate(model, ids, mask, "dynamic"), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_static_cache_without_padding(family):
+    """No padding: generate() drops the all-ones mask, and the static cache's unfilled slots are masked by their
+    position alone (the fill level is a tensor during decoding)."""
+    model = build(family)
+    ref = eager_copy(model)
+    handle = apply(model)
+    ids, _ = batch(padding=None)
+    _check_generate(model, ref, handle, ids, None, "static")
 
 
 def test_cache_holds_only_real_tokens():

@@ -129,3 +129,20 @@ def test_triton_interpreter(family, head):
     torch.testing.assert_close(real(ours, mask), real(theirs, mask), rtol=1e-4, atol=1e-5)
     for got, want in zip(grads, (p.grad for p in handle.prefix_encoder.parameters()), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,head,padding", [("opt", "lm", "left"), ("opt", "lm", "right"),
+                                                 ("roberta", "token_cls", "right"), ("gpt2", "lm", "left")])
+def test_pad_tokens_match_too(family, head, padding):
+    """Even the outputs at pad tokens are PEFT's: their positions keep the family's pad marker (OPT: -1 before
+    its offset of 2, RoBERTa: padding_idx) instead of being shifted."""
+    from prefix_kernels.integrations.hf.reference import eager_forward
+
+    model = build(family, head)
+    ref = eager_copy(model)
+    handle = apply(model)
+    ids, mask = batch(padding=padding)
+    with torch.no_grad():
+        ours = outputs(model(input_ids=ids, attention_mask=mask))
+        theirs = outputs(eager_forward(ref, handle.prefix(), ids, mask))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -63,8 +63,9 @@ def eager_forward(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tenso
 
 @torch.no_grad()
 def eager_greedy(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with the prefix held in the cache, as PEFT generates: returns ``[B, L + max_new_tokens]``.
+                 max_new_tokens: int, *, return_logits: bool = False):
+    """Greedy decoding with the prefix held in the cache, as PEFT generates: returns the tokens ``[B, L +
+    max_new_tokens]``, and with ``return_logits`` also each step's logits ``[B, max_new_tokens, vocab]``.
 
     Position ids follow ``generate()``: the running count of real tokens (pads at 0), shifted by P.
     """
@@ -73,15 +74,16 @@ def eager_greedy(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tensor
     cache = prefix_cache(model, prefix, batch)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    tokens, step = input_ids, input_ids
+    tokens, step, steps = input_ids, input_ids, []
     for _ in range(max_new_tokens):
         ones = torch.ones(batch, prefix_len, dtype=mask.dtype, device=mask.device)
         kwargs = {keyword: cache, "attention_mask": torch.cat([ones, mask], dim=1), "use_cache": True}
         if _accepts(model, "position_ids"):
             kwargs["position_ids"] = positions + prefix_len
         logits = model(input_ids=step, **kwargs).logits[:, -1]
+        steps.append(logits)
         step = logits.argmax(dim=-1, keepdim=True)
         tokens = torch.cat([tokens, step], dim=1)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
         positions = positions[:, -1:] + 1
-    return tokens
+    return (tokens, torch.stack(steps, dim=1)) if return_logits else tokens
