@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels.integrations.hf.reference import eager_forward  # noqa: E402
+from prefix_kernels.integrations.hf.reference import compare_with_reference  # noqa: E402
 from prefix_kernels.testing import compare  # noqa: E402
 
 VOCAB = 97
@@ -147,24 +147,9 @@ def assert_rule(name: str, ours: torch.Tensor, truth: torch.Tensor, baseline: to
 
 
 def parity(model, ref, handle, ids, mask, *, grads: bool = True, **forward_kwargs):
-    """Run ``model`` (prefix-tuned through ``handle``) and the eager reference ``ref`` (an eager copy made before
-    applying; in fp32, and in fp64 as the truth) on one batch; check the outputs at real tokens and, with
-    ``grads``, every prefix-encoder gradient, under the tolerance rule."""
-    encoder = handle.prefix_encoder
-    truth_model, truth_encoder = copy.deepcopy(ref).double(), copy.deepcopy(encoder).double()
-
-    def run(fn, enc):
-        enc.zero_grad(set_to_none=True)
-        out = outputs(fn())
-        if grads:
-            loss_of(out, mask).backward()
-        return out.detach(), {n: p.grad.detach().clone() for n, p in enc.named_parameters()} if grads else {}
-
-    ours, ours_g = run(lambda: model(input_ids=ids, attention_mask=mask, **forward_kwargs), encoder)
-    base, base_g = run(lambda: eager_forward(ref, encoder(), ids, mask, **forward_kwargs), encoder)
-    truth, truth_g = run(lambda: eager_forward(truth_model, truth_encoder(), ids, mask, **forward_kwargs),
-                         truth_encoder)
-    results = [assert_rule("logits", real(ours, mask), real(truth, mask), real(base, mask))]
-    for name in ours_g:
-        results.append(assert_rule(f"d{name}", ours_g[name], truth_g[name], base_g[name], factor=3.0))
+    """The outputs at real tokens and every prefix-encoder gradient of ``model`` against the eager reference
+    ``ref`` (made before applying), under the tolerance rule (truth: ``ref`` in fp64; baseline: ``ref`` in fp32)."""
+    results = compare_with_reference(model, ref, handle, ids, mask, grads=grads, **forward_kwargs)
+    failed = [str(r) for r in results if not r.ok]
+    assert not failed, "\n".join(failed)
     return results

@@ -87,3 +87,60 @@ def eager_greedy(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tensor
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
         positions = positions[:, -1:] + 1
     return (tokens, torch.stack(steps, dim=1)) if return_logits else tokens
+
+
+def peft_style_prefix(encoder, batch_size: int) -> torch.Tensor:
+    """The prefix as PEFT computes it: the encoder (``embedding`` and, with projection, ``transform``: PEFT's
+    parameter names) run on every batch row's copy of the virtual tokens. Returns ``[B, num_layers, 2, Hkv, P,
+    D]`` for :func:`prefix_cache`. For timing PEFT's way; the values equal ``encoder()`` in every row."""
+    tokens = encoder.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+    flat = encoder.transform(tokens) if encoder.prefix_projection else tokens
+    shape = (batch_size, encoder.num_virtual_tokens, encoder.num_layers, 2, encoder.num_kv_heads, encoder.head_dim)
+    return flat.reshape(shape).permute(0, 2, 3, 4, 1, 5)
+
+
+def compare_with_reference(model: nn.Module, reference: nn.Module, handle, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, *, grads: bool = True, **forward_kwargs):
+    """Outputs at real tokens and every prefix-encoder gradient of the prefix-tuned ``model`` against the eager
+    reference, under the tolerance rule of :mod:`prefix_kernels.testing`: the truth is ``reference`` (an eager
+    copy of the model made before applying) in float64, the baseline the same in float32. Returns one
+    :class:`~prefix_kernels.testing.Comparison` per quantity."""
+    import copy
+
+    from ...testing import compare
+
+    encoder = handle.prefix_encoder
+    truth_model, truth_encoder = copy.deepcopy(reference).double(), copy.deepcopy(encoder).double()
+    probe = torch.Generator().manual_seed(2)
+
+    def logits_of(output):
+        if hasattr(output, "start_logits"):
+            return torch.stack([output.start_logits, output.end_logits], dim=-1)
+        return output.logits
+
+    def real(x):
+        return x[attention_mask.bool()] if x.shape[:2] == attention_mask.shape else x
+
+    weights = None
+
+    def run(fn, enc):
+        nonlocal weights
+        enc.zero_grad(set_to_none=True)
+        out = real(logits_of(fn()))
+        if grads:
+            if weights is None:
+                weights = torch.randn(out.shape, generator=probe)
+            (out.double() * weights.to(out.device, torch.float64)).sum().backward()
+        return out.detach(), [p.grad.detach().clone() for p in enc.parameters()] if grads else []
+
+    ours, ours_g = run(lambda: model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), encoder)
+    base, base_g = run(lambda: eager_forward(reference, encoder(), input_ids, attention_mask, **forward_kwargs),
+                       encoder)
+    truth, truth_g = run(lambda: eager_forward(truth_model, truth_encoder(), input_ids, attention_mask,
+                                               **forward_kwargs), truth_encoder)
+    n_terms = handle.num_virtual_tokens + input_ids.shape[1]
+    results = [compare("logits", ours, truth, base, 2.0, n_terms)]
+    names = [n for n, _ in encoder.named_parameters()]
+    for name, o, t, b in zip(names, ours_g, truth_g, base_g, strict=True):
+        results.append(compare(f"d {name}", o, t, b, 3.0, n_terms * input_ids.shape[0]))
+    return results
