@@ -62,16 +62,21 @@ def eager_forward(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tenso
 
 
 @torch.no_grad()
-def eager_greedy(model: nn.Module, prefix: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def eager_greedy(model: nn.Module, prefix: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, *, return_logits: bool = False):
     """Greedy decoding with the prefix held in the cache, as PEFT generates: returns the tokens ``[B, L +
     max_new_tokens]``, and with ``return_logits`` also each step's logits ``[B, max_new_tokens, vocab]``.
 
-    Position ids follow ``generate()``: the running count of real tokens (pads at 0), shifted by P.
+    Position ids follow ``generate()``: the running count of real tokens (pads at 0), shifted by P. With
+    ``prefix=None`` it is plain greedy decoding (for a model prefix-tuned by prefix_kernels, whose prefix is not in
+    the cache): the same loop, for timing the two paths alike.
     """
-    batch, prefix_len = input_ids.shape[0], prefix.shape[-2]
+    from transformers import DynamicCache
+
+    batch = input_ids.shape[0]
+    prefix_len = 0 if prefix is None else prefix.shape[-2]
     keyword = cache_keyword(model)
-    cache = prefix_cache(model, prefix, batch)
+    cache = DynamicCache(config=model.config) if prefix is None else prefix_cache(model, prefix, batch)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     tokens, step, steps = input_ids, input_ids, []
@@ -104,7 +109,7 @@ def compare_with_reference(model: nn.Module, reference: nn.Module, handle, input
     """Outputs at real tokens and every prefix-encoder gradient of the prefix-tuned ``model`` against the eager
     reference, under the tolerance rule of :mod:`prefix_kernels.testing`: the truth is ``reference`` (an eager
     copy of the model made before applying) in float64, the baseline the same in float32. Returns one
-    :class:`~prefix_kernels.testing.Comparison` per quantity."""
+    :class:`~prefix_kernels.testing.Comparison` per quantity. The encoder's ``.grad`` are left as they were."""
     import copy
 
     from ...testing import compare
@@ -133,9 +138,12 @@ def compare_with_reference(model: nn.Module, reference: nn.Module, handle, input
             (out.double() * weights.to(out.device, torch.float64)).sum().backward()
         return out.detach(), [p.grad.detach().clone() for p in enc.parameters()] if grads else []
 
+    saved = [p.grad for p in encoder.parameters()]  # the caller's gradients are left as they were
     ours, ours_g = run(lambda: model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs), encoder)
     base, base_g = run(lambda: eager_forward(reference, encoder(), input_ids, attention_mask, **forward_kwargs),
                        encoder)
+    for p, grad in zip(encoder.parameters(), saved, strict=True):
+        p.grad = grad
     truth, truth_g = run(lambda: eager_forward(truth_model, truth_encoder(), input_ids, attention_mask,
                                                **forward_kwargs), truth_encoder)
     n_terms = handle.num_virtual_tokens + input_ids.shape[1]
