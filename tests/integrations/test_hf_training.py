@@ -37,6 +37,26 @@ def test_gradient_checkpointing(family, head):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_reentrant_checkpointing():
+    """Reentrant checkpointing would run backward through the shared prefix's graph once per layer: refused with
+    the remedy when that graph holds saved tensors (a projection), fine for a table prefix."""
+    model = build("llama")
+    handle = apply(model, prefix_projection=True)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="use_reentrant': False"):
+        model(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    table = apply(model)
+    loss_of(model(input_ids=ids, attention_mask=mask).logits, mask).backward()
+    got = table.prefix_encoder.embedding.weight.grad.clone()
+    table.prefix_encoder.zero_grad()
+    model.gradient_checkpointing_disable()
+    loss_of(model(input_ids=ids, attention_mask=mask).logits, mask).backward()
+    torch.testing.assert_close(got, table.prefix_encoder.embedding.weight.grad, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family,head", [("llama", "lm"), ("bert", "seq_cls")])
 def test_autocast(family, head, dtype):

@@ -88,7 +88,7 @@ class PrefixHandle:
         self._undo: list = []
         self._configs: list = []  # (config, previous implementation)
         self.state = PrefixState(encoder, backend=config.backend, shift_positions=config.shift_positions,
-                                 probe=modules[0])
+                                 probe=modules[0], layer=family.layer_list(model)[0])
 
     # ---------------------------------------------------------------- public
     @property

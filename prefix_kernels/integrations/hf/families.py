@@ -48,15 +48,20 @@ class Family:
     alibi: bool = False
     features: str = ""
 
-    def attention_modules(self, model: nn.Module, num_layers: int) -> list[nn.Module]:
-        """The self-attention module of each layer, in layer order."""
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        """The model's layers."""
         base = model.base_model
         try:
-            layers = base.get_submodule(self.layers)
+            return base.get_submodule(self.layers)
         except AttributeError:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: expected the {self.name} layers at {type(base).__name__}.{self.layers}, "
                 "which this transformers version does not have") from None
+
+    def attention_modules(self, model: nn.Module, num_layers: int) -> list[nn.Module]:
+        """The self-attention module of each layer, in layer order."""
+        base = model.base_model
+        layers = self.layer_list(model)
         if len(layers) != num_layers:
             raise UnsupportedModelError(f"{type(model).__name__}: {type(base).__name__}.{self.layers} holds "
                                         f"{len(layers)} layers but config.num_hidden_layers is {num_layers}")

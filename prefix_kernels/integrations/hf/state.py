@@ -24,9 +24,11 @@ from .positions import alibi_slopes
 class PrefixState:
     """Shared by the slots of one model. ``enabled`` is False inside ``handle.disabled()``."""
 
-    def __init__(self, encoder: PrefixEncoder, *, backend: str, shift_positions: bool, probe: torch.nn.Module):
+    def __init__(self, encoder: PrefixEncoder, *, backend: str, shift_positions: bool, probe: torch.nn.Module,
+                 layer: torch.nn.Module | None = None):
         self.encoder = encoder
         self.probe = probe  # an attention module: its weights' dtype is the attention's dtype
+        self.layer = layer  # the first layer: transformers marks gradient checkpointing on it
         self.backend = backend
         self.shift_positions = shift_positions
         self.enabled = True
@@ -51,11 +53,25 @@ class PrefixState:
             return torch.get_autocast_dtype(device)
         return weight.dtype
 
+    def _check_checkpointing(self) -> None:
+        """Reentrant checkpointing runs one backward per layer, each reaching through the shared prefix into the
+        encoder's graph, which the first one frees: refuse it with the remedy, unless that graph holds nothing."""
+        layer = self.layer
+        if layer is None or not getattr(layer, "gradient_checkpointing", False) or not torch.is_grad_enabled():
+            return
+        options = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
+        saves = self.encoder.prefix_projection or (self.encoder.training and self.encoder.prefix_dropout > 0)
+        if options.get("use_reentrant") and saves and any(p.requires_grad for p in self.encoder.parameters()):
+            raise ValueError("prefix tuning with a projection or prefix dropout needs non-reentrant gradient "
+                             "checkpointing (one prefix feeds every layer): call gradient_checkpointing_enable("
+                             "gradient_checkpointing_kwargs={'use_reentrant': False}), transformers' default")
+
     def begin_forward(self, *_args) -> None:
         """Forward pre-hook of the base model: forget the previous forward's prefix and compute this one's."""
         self._prefix = {}
         self.fetches = 0
         if self.enabled:
+            self._check_checkpointing()
             dtype = self.attention_dtype()
             if dtype is not None:
                 self.prefix(dtype)
