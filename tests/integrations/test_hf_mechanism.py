@@ -262,3 +262,13 @@ def test_handle_repr_and_prefix_layout():
     assert "Qwen3" in repr(handle) and "active" in repr(handle)
     assert handle.prefix().shape == (2, 2, 1, 5, 32)  # [layers, k/v, kv heads, P, head_dim]
     copy.deepcopy(handle.prefix_encoder)  # the encoder stays a plain module
+
+
+def test_import_stays_light():
+    """`import prefix_kernels` does not import transformers; the integration loads on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, prefix_kernels as pk\nprint('transformers' in sys.modules, 'apply_prefix_tuning' in dir(pk))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
