@@ -272,3 +272,19 @@ def test_import_stays_light():
     code = "import sys, prefix_kernels as pk\nprint('transformers' in sys.modules, 'apply_prefix_tuning' in dir(pk))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_slots_delegate_to_the_previous_implementation(family):
+    """With the state off but our attention still named, every layer is served by the previous implementation
+    (whichever the model had: sdpa, or eager for Gemma 2 on transformers 5.24) with that implementation's own
+    mask, built from the same arguments."""
+    model = build(family)
+    ids, mask = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        handle = apply(model)
+        handle.state.enabled = False
+        delegated = model(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "prefix_kernels"
+    torch.testing.assert_close(real(delegated, mask), real(before, mask), rtol=1e-6, atol=1e-6)

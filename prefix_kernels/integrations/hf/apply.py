@@ -111,7 +111,8 @@ class PrefixHandle:
 
     @contextlib.contextmanager
     def disabled(self):
-        """Run the model without the prefix, exactly as before applying (its attention, masks and positions)."""
+        """Run the model without the prefix: its previous attention implementation, masks and positions, as before
+        applying (the trainable copies of ``modules_to_save`` stay in place)."""
         self._require_active()
         self.state.enabled = False
         for config, previous in self._configs:

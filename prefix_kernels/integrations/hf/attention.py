@@ -88,7 +88,7 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if slot is None or not slot.state.enabled:
         from .registration import previous_implementation
 
-        previous = slot.state.previous if slot is not None else previous_implementation(module.config)
+        previous = slot.previous if slot is not None else previous_implementation(module.config)
         return _delegate(module, previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
     dtype = compute_dtype(query, key, value)
