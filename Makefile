@@ -8,7 +8,7 @@ PIP := $(PYTHON) -m pip
 .PHONY: install install-test demo test lint report bench
 
 install:
-	$(PIP) install -q torch==2.14.1 numpy==2.4.6 ninja==1.13.2
+	$(PIP) install -q torch==2.14.1 numpy==2.4.6 ninja==1.13.2 transformers==5.24.0
 	$(PIP) install -q --no-build-isolation -e .
 
 install-test:

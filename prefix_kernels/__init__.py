@@ -1,6 +1,8 @@
 """prefix_kernels: fused kernels for prefix tuning and P-Tuning v2.
 
-The public API lives here and nothing else: see ``prefix_attention`` and ``PrefixEncoder``.
+The public API lives here and nothing else: ``prefix_attention`` and ``PrefixEncoder`` (the kernels), and
+``apply_prefix_tuning`` / ``PrefixConfig`` / ``load_peft_adapter`` / ``save_peft_adapter`` (Hugging Face models
+and PEFT adapters; imported on first use, as they need transformers).
 """
 
 from .backends import BackendUnavailableError
@@ -9,11 +11,44 @@ from .ops.attention import prefix_attention, prefix_attention_ref, select_backen
 
 __version__ = "0.1.0"
 
+# name -> module that defines it; imported on first access (PEP 562), so that `import prefix_kernels` does not
+# import transformers.
+_LAZY = {
+    "PrefixConfig": ".integrations.hf",
+    "PrefixHandle": ".integrations.hf",
+    "UnsupportedModelError": ".integrations.hf",
+    "apply_prefix_tuning": ".integrations.hf",
+    "supported_model_types": ".integrations.hf",
+    "load_peft_adapter": ".integrations.peft",
+    "save_peft_adapter": ".integrations.peft",
+}
+
 __all__ = [
     "BackendUnavailableError",
+    "PrefixConfig",
     "PrefixEncoder",
+    "PrefixHandle",
+    "UnsupportedModelError",
     "__version__",
+    "apply_prefix_tuning",
+    "load_peft_adapter",
     "prefix_attention",
     "prefix_attention_ref",
+    "save_peft_adapter",
     "select_backend",
+    "supported_model_types",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

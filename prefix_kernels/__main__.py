@@ -1,8 +1,9 @@
 """Command line: ``python -m prefix_kernels info | demo | bench | report``.
 
 info    versions, device, the extension, and which backend can serve on this machine (and why not)
-demo    info, then parity of every backend that runs here against the reference, and the speed of
-        prefix_attention beside what users do today (concatenate the prefix, then SDPA)
+demo    prefix tuning of a small BERT classifier and a small decoder (transformers, random weights): parity with
+        the eager PEFT-style reference, training, generation, speed and memory beside that path; then the
+        kernels alone: parity of every backend with the reference, speed beside concatenating + SDPA
 bench   the same timing over a sweep of shapes
 report  the static kernel report (compiles every shipped Triton kernel for sm80/sm90; no GPU needed)
 """
@@ -55,7 +56,7 @@ def cmd_info(_args=None) -> int:
     return 0
 
 
-def _parity(device) -> bool:
+def _parity(device, quick: bool = False) -> bool:
     import torch
 
     from prefix_kernels import backends
@@ -69,6 +70,8 @@ def _parity(device) -> bool:
                                                                            padding="left"), True),
         ("decode step: Lq=1 Lk=65 P=16 D=128, causal", dict(len_q=1, len_k=65, prefix_len=16, head_dim=128), True),
     ]
+    if quick:  # the P-Tuning v2 shape and the decode step
+        shapes = [shapes[0], shapes[2]]
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
     all_ok = True
     for name in backends.names():
@@ -143,16 +146,20 @@ def _print_timing(device, dtype, rows):
 def cmd_demo(args) -> int:
     import torch
 
+    from prefix_kernels import demo
+
     device = _device()
     if device.type == "cpu":
-        # Let the Triton kernels run in the CPU interpreter for the parity check (set before they load).
+        # Let the Triton kernels run in the CPU interpreter for the kernel parity check (set before they load).
         os.environ.setdefault("TRITON_INTERPRET", "1")
     cmd_info()
-    print("\nparity with the fp32 reference (tolerance rule of prefix_kernels.testing):")
-    ok = _parity(device)
-    print("\ntiming against concatenating the prefix and calling SDPA, what users do today:")
+    ok = demo.run(device)
+    print("\n4. The kernels alone: parity of every backend here with the fp32 reference (tolerance rule of "
+          "prefix_kernels.testing)")
+    ok &= _parity(device, quick=device.type == "cpu")
+    print("\n   timing against concatenating the prefix and calling SDPA, what users do today:")
     if device.type == "cpu":
-        print("  (on the CPU the interpreter is far too slow to time; the torch backend is timed)")
+        print("   (on the CPU the interpreter is far too slow to time; the torch backend is timed)")
         os.environ["PREFIX_KERNELS_BACKEND"] = "torch"
     torch.manual_seed(0)
     shapes = [(4, 12, 12, 128, 16, 64, False), (2, 8, 2, 256, 64, 64, True)]
@@ -188,7 +195,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefix_kernels", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, backends")
-    sub.add_parser("demo", help="info, parity and timing on this machine")
+    sub.add_parser("demo", help="prefix-tuned models and the kernels: parity, training, generation, timing")
     b = sub.add_parser("bench", help="timing sweep against concat + SDPA")
     b.add_argument("--quick", action="store_true", help="few small shapes")
     r = sub.add_parser("report", help="static kernel report (no GPU needed)")

@@ -1,0 +1,302 @@
+"""``apply_prefix_tuning`` and the handle that undoes it.
+
+What applying does to a model, each step recorded with its exact undo (``remove()`` runs them in reverse):
+
+1. freezes the model's parameters (optional) and swaps each task head to train (``modules_to_save``) for a
+   trainable copy, so the model's own head stays as it was;
+2. adds the :class:`~prefix_kernels.PrefixEncoder` as the submodule ``prefix_encoder`` (``model.parameters()``,
+   optimizers, ``state_dict`` and ``.to()`` see it);
+3. points the model's configs at our attention implementation (registered once with transformers' attention and
+   mask interfaces), remembering the previous one;
+4. gives each self-attention module its own prefix slot (and, for a family whose attention is not on the
+   interface, an instance-level forward);
+5. hooks the module that consumes position ids, to shift them by P (PEFT's semantics), and the base model's
+   forward, to compute the prefix once per forward;
+6. lets ``generate()`` build masks inside the forward for static caches (an instance attribute).
+
+No class, function or module-level name of transformers is replaced; everything lives on this model instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+
+import torch
+from torch import nn
+
+from ...modules import PrefixEncoder
+from . import registration
+from .attention import SLOT_ATTR
+from .config import PrefixConfig
+from .families import Family, family_of, task_of
+from .positions import ShiftPositions
+from .state import PrefixSlot, PrefixState
+
+ENCODER_NAME = "prefix_encoder"
+HANDLE_ATTR = "_prefix_kernels_handle"
+
+
+def _masks_from_forward(config, inputs_embeds, attention_mask, *args, **kwargs):
+    """Stands in for transformers' ``create_masks_for_generate``: our masks are ``[B, Lk]``, cheap to build inside
+    the forward, so ``generate()`` hands the 2D mask on unchanged instead of precomputing 4D ones."""
+    return attention_mask
+
+
+def _sizes(model: nn.Module) -> tuple[int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, head_dim) from the model's config."""
+    config = model.config
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return layers, heads, kv_heads, head_dim
+
+
+def _find_modules(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Modules whose qualified name is, or ends with ``.`` + , one of ``names`` (PEFT's matching); the outermost
+    match wins."""
+    found: dict[str, nn.Module] = {}
+    for qualified, module in model.named_modules():
+        if any(qualified.startswith(f + ".") for f in found):
+            continue
+        if any(qualified == n or qualified.endswith("." + n) for n in names):
+            found[qualified] = module
+    return found
+
+
+class PrefixHandle:
+    """The prefix tuning applied to one model. Returned by :func:`apply_prefix_tuning`.
+
+    Attributes:
+        model: the model.
+        config: the :class:`PrefixConfig`.
+        family: the :class:`~.families.Family` adapter that served it.
+        prefix_encoder: the :class:`~prefix_kernels.PrefixEncoder` (also ``model.prefix_encoder``).
+        modules_to_save: qualified name -> the trainable copy of each task head swapped into the model.
+    """
+
+    def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder,
+                 modules: list[nn.Module]):
+        self.model = model
+        self.config = config
+        self.family = family
+        self.prefix_encoder = encoder
+        self.modules_to_save: dict[str, nn.Module] = {}
+        self.task_type: str | None = None
+        self._undo: list = []
+        self._configs: list = []  # (config, previous implementation)
+        self.state = PrefixState(encoder, backend=config.backend, shift_positions=config.shift_positions,
+                                 probe=modules[0], layer=family.layer_list(model)[0])
+
+    # ---------------------------------------------------------------- public
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    @property
+    def active(self) -> bool:
+        """False once :meth:`remove` ran."""
+        return getattr(self.model, HANDLE_ATTR, None) is self
+
+    def prefix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Every layer's prefix ``[num_layers, 2, num_kv_heads, P, head_dim]`` (keys at ``[:, 0]``)."""
+        return self.prefix_encoder(dtype=dtype)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters that require grad: the prefix encoder's and the saved modules' (and, when the base
+        model was not frozen, the model's own)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the model without the prefix: its previous attention implementation, masks and positions, as before
+        applying (the trainable copies of ``modules_to_save`` stay in place)."""
+        self._require_active()
+        self.state.enabled = False
+        for config, previous in self._configs:
+            config._attn_implementation_internal = previous
+        try:
+            yield self.model
+        finally:
+            for config, _ in self._configs:
+                config._attn_implementation_internal = registration.NAME
+            self.state.enabled = True
+
+    def remove(self) -> None:
+        """Undo everything :func:`apply_prefix_tuning` did: the model is exactly as before (its parameters,
+        ``requires_grad`` flags, modules, hooks, attributes and attention implementation). Idempotent."""
+        while self._undo:
+            self._undo.pop()()
+
+    def save_peft_adapter(self, directory) -> None:
+        """Write a PEFT prefix-tuning adapter directory (see :func:`prefix_kernels.save_peft_adapter`)."""
+        from ..peft import save_peft_adapter
+
+        save_peft_adapter(self, directory)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return (f"PrefixHandle({type(self.model).__name__}, family={self.family.name}, "
+                f"num_virtual_tokens={self.num_virtual_tokens}, {state})")
+
+    # ---------------------------------------------------------------- install
+    def _require_active(self):
+        if not self.active:
+            raise RuntimeError("this prefix-tuning handle was removed")
+
+    def _set_attr(self, obj, name: str, value) -> None:
+        """Set an instance attribute, recording how to undo it exactly (restore or delete)."""
+        had = name in obj.__dict__
+        old = obj.__dict__.get(name)
+        object.__setattr__(obj, name, value)
+
+        def undo():
+            if had:
+                object.__setattr__(obj, name, old)
+            else:
+                object.__delattr__(obj, name)
+
+        self._undo.append(undo)
+
+    def _freeze(self) -> None:
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+
+        def undo():
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+        self._undo.append(undo)
+
+    def _swap_in_trainable_copies(self, names: tuple[str, ...], required: bool) -> None:
+        found = _find_modules(self.model, names)
+        if required:
+            missing = [n for n in names if not any(q == n or q.endswith("." + n) for q in found)]
+            if missing:
+                raise ValueError(f"modules_to_save {missing} match no module of {type(self.model).__name__}")
+        for qualified, module in found.items():
+            parent_name, _, attr = qualified.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            trainable = copy.deepcopy(module)
+            trainable.requires_grad_(True)
+            parent._modules[attr] = trainable
+            self.modules_to_save[qualified] = trainable
+            self._undo.append(lambda parent=parent, attr=attr, module=module: parent._modules.__setitem__(attr, module))
+
+    def _add_encoder(self) -> None:
+        if hasattr(self.model, ENCODER_NAME):
+            raise ValueError(f"{type(self.model).__name__} already has an attribute {ENCODER_NAME!r}")
+        self.model.add_module(ENCODER_NAME, self.prefix_encoder)
+        self._undo.append(lambda: self.model._modules.pop(ENCODER_NAME))
+
+    def _switch_configs(self, modules: list[nn.Module]) -> dict[int, str]:
+        configs = {}
+        for owner in [self.model, self.model.base_model, *modules]:
+            config = getattr(owner, "config", None)
+            if config is not None:
+                configs[id(config)] = config
+        previous = {}
+        for key, config in configs.items():
+            previous[key] = registration.switch(config)
+            self._configs.append((config, previous[key]))
+            self._undo.append(lambda config=config: registration.restore(config))
+        return previous
+
+    def _install(self, modules: list[nn.Module]) -> None:
+        config, model, family = self.config, self.model, self.family
+        registration.register()
+        self._set_attr(model, HANDLE_ATTR, self)
+        if config.freeze_base_model:
+            self._freeze()
+        self.task_type, heads = task_of(model)
+        if config.modules_to_save == "auto":
+            self._swap_in_trainable_copies(heads, required=False)
+        elif config.modules_to_save:
+            self._swap_in_trainable_copies(config.modules_to_save, required=True)
+        self._add_encoder()
+        previous = self._switch_configs(modules)
+        model_previous = previous[id(model.config)] or "eager"
+        for index, module in enumerate(modules):
+            if SLOT_ATTR in module.__dict__:
+                raise ValueError(f"{type(module).__name__} already holds a prefix slot")
+            own = getattr(module, "config", None)
+            slot = PrefixSlot(self.state, index, (previous[id(own)] if own is not None else None) or model_previous)
+            self._set_attr(module, SLOT_ATTR, slot)
+            if family.alibi:  # made now, so that a compiled forward finds them and does not recompile
+                slot.alibi_slopes(module.num_heads, self.state.probe_device())
+            if family.forward is not None:
+                self._set_attr(module, "forward", types.MethodType(family.forward, module))
+        spec = family.positions
+        if config.shift_positions and spec is not None:
+            target = model.base_model.get_submodule(spec.path)
+            first = spec.first_position(model.config)
+            table = getattr(target, "num_embeddings", None)
+            if table is not None and first + config.num_virtual_tokens >= table:
+                raise ValueError(f"num_virtual_tokens={config.num_virtual_tokens} leaves no room in "
+                                 f"{type(model).__name__}'s {table} learned positions (shifted positions start at "
+                                 f"{first + config.num_virtual_tokens}); use fewer or shift_positions=False")
+            hook = target.register_forward_pre_hook(
+                ShiftPositions(spec, config.num_virtual_tokens, first, self.state), with_kwargs=True)
+            self._undo.append(hook.remove)
+        self._undo.append(model.base_model.register_forward_pre_hook(self.state.begin_forward).remove)
+        self._undo.append(model.base_model.register_forward_hook(self._check_reached).remove)
+        self._set_attr(model, "create_masks_for_generate", _masks_from_forward)
+
+    def _check_reached(self, module, args, output) -> None:
+        if self.state.enabled and self.state.fetches == 0:
+            raise RuntimeError(
+                f"prefix tuning reached no attention layer of {type(self.model).__name__} in this forward: its "
+                f"attention did not call the attention function {registration.NAME!r} (was the model's "
+                "attention implementation changed after apply_prefix_tuning?)")
+
+
+def apply_prefix_tuning(model: nn.Module, config: PrefixConfig) -> PrefixHandle:
+    """Prefix-tune a Hugging Face model in place: a learned prefix of ``config.num_virtual_tokens`` keys and values
+    per layer, attended to by every token through :func:`prefix_kernels.prefix_attention`.
+
+    Semantics are PEFT's prefix tuning (P-Tuning v2): every query sees the P prefix columns, padding masks only
+    the real keys, and real tokens' positions start at P (``shift_positions=False``: at 0). The prefix is
+    computed once per forward and shared by the batch; it never enters the KV cache, so ``generate()`` with any
+    cache and gradient checkpointing work unchanged.
+
+    Args:
+        model: a ``PreTrainedModel`` of a supported family (see :func:`supported_model_types`), any head.
+        config: a :class:`PrefixConfig`.
+
+    Returns:
+        A :class:`PrefixHandle`; ``handle.remove()`` restores the model exactly.
+
+    Raises:
+        TypeError: ``model`` is not a transformers model, or ``config`` not a PrefixConfig.
+        UnsupportedModelError: no adapter for the model's family (the message names the class and what is missing).
+        ValueError: the model is already prefix-tuned, or the config does not fit the model.
+    """
+    if not isinstance(config, PrefixConfig):
+        raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    family = family_of(model)
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        raise ValueError(f"{type(model).__name__} is already prefix-tuned: call remove() on its handle first")
+    num_layers, _, kv_heads, head_dim = _sizes(model)
+    modules = family.attention_modules(model, num_layers)
+    for i, module in enumerate(modules):
+        own = getattr(module, "head_dim", head_dim)
+        if own != head_dim:
+            raise ValueError(f"layer {i}'s attention has head_dim {own}, the config says {head_dim}")
+    param = next(model.parameters(), None)
+    encoder = PrefixEncoder(config.num_virtual_tokens, num_layers, kv_heads, head_dim,
+                            prefix_projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
+                            prefix_dropout=config.prefix_dropout, backend=config.backend,
+                            device=None if param is None else param.device,
+                            dtype=config.encoder_dtype or torch.float32)
+    handle = PrefixHandle(model, config, family, encoder, modules)
+    try:
+        handle._install(modules)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

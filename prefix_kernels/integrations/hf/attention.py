@@ -1,0 +1,117 @@
+"""The attention function registered with transformers' ``AttentionInterface`` under our name.
+
+transformers' attention modules compute q, k, v (RoPE applied, cache updated) and then call
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)(module, q, k, v, mask, **kw)``. With
+our name set on the config, that call lands in :func:`prefix_attention_forward`, which reads the module's own
+prefix slot and calls :func:`prefix_kernels.prefix_attention` with the prefix as a second source of keys and
+values: nothing is concatenated, nothing enters the cache.
+
+A module without a slot (a cross-attention the prefix does not cover), or any module while the handle is
+disabled, is served by the implementation the model used before, with the mask that implementation expects.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ...ops.attention import prefix_attention
+from .masks import PrefixMask
+
+SLOT_ATTR = "_prefix_kernels_slot"
+
+
+def previous_attention(module: torch.nn.Module, name: str):
+    """The function transformers would call for ``name`` in ``module`` (its modeling file's eager attention for
+    "eager", as the module itself would pick)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if name == "eager" or name not in ALL_ATTENTION_FUNCTIONS:
+        if eager is None:
+            raise RuntimeError(f"{type(module).__name__} has no prefix and its modeling file defines no "
+                               f"eager_attention_forward to fall back to for attention implementation {name!r}")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
+
+
+def _delegate(module, previous: str, query, key, value, attention_mask, **kwargs):
+    if isinstance(attention_mask, PrefixMask):
+        attention_mask = attention_mask.for_implementation(previous)
+    return previous_attention(module, previous)(module, query, key, value, attention_mask, **kwargs)
+
+
+def dense_prefix_attention(query, key, value, prefix_k, prefix_v, mask: torch.Tensor, *, scale: float,
+                           dropout_p: float, softcap: float | None) -> torch.Tensor:
+    """Explicit attention over ``[prefix ; input]`` with an arbitrary 4D mask over the input keys (bool, True =
+    attend, or additive float), for patterns the kernels do not take. Copies the prefix per batch row and
+    materialises the scores, as PEFT's path does; the prefix columns are visible to every query.
+
+    query ``[B, Hq, Lq, D]``; key, value ``[B, Hkv, Lk, D]``; prefix ``[Hkv, P, D]``; mask ``[B or 1, 1 or Hq, Lq,
+    Lk]``. Returns ``[B, Hq, Lq, D]``.
+    """
+    B, Hq, Lq, _ = query.shape
+    Hkv, P = key.shape[1], prefix_k.shape[1]
+    keys = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1), key], dim=2).repeat_interleave(Hq // Hkv, 1)
+    values = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1), value], dim=2).repeat_interleave(Hq // Hkv, 1)
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    mask = mask[..., :key.shape[2]]
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1), float("-inf"))
+    else:
+        scores = scores + torch.cat([mask.new_zeros(*mask.shape[:-1], P), mask], dim=-1).float()
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs.to(values.dtype), values)
+
+
+def compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The one dtype the op computes in: the autocast dtype under autocast (RoPE tables are fp32, so q and k
+    arrive promoted while v stays in the autocast dtype, and eager attention's matmuls run in the autocast
+    dtype), else the promotion of the three."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+
+
+def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                             sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """transformers' attention-function signature: q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]`` (any
+    strides), the mask from :func:`~.masks.prefix_mask_interface`. Returns ``(out [B, Lq, Hq, D], None)``."""
+    slot = getattr(module, SLOT_ATTR, None)
+    if slot is None or not slot.state.enabled:
+        from .registration import previous_implementation
+
+        previous = slot.previous if slot is not None else previous_implementation(module.config)
+        return _delegate(module, previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         sliding_window=sliding_window, softcap=softcap, **kwargs)
+    dtype = compute_dtype(query, key, value)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    prefix_k, prefix_v = slot.fetch(dtype)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    dense = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+    if isinstance(attention_mask, PrefixMask):
+        dense = attention_mask.dense
+    if dense is not None:  # a 4D mask given by the caller, or a pattern the kernels do not take
+        out = dense_prefix_attention(query, key, value, prefix_k, prefix_v, dense, scale=float(scaling),
+                                     dropout_p=dropout, softcap=softcap)
+        return out.transpose(1, 2), None
+    if isinstance(attention_mask, PrefixMask):
+        key_padding_mask, causal = attention_mask.key_padding_mask, attention_mask.causal
+        window = attention_mask.sliding_window
+        if attention_mask.kv_end < key.shape[2]:
+            key, value = key[:, :, :attention_mask.kv_end], value[:, :, :attention_mask.kv_end]
+    else:  # no mask at all: the module's own causality, the window it passes
+        key_padding_mask, window = None, sliding_window
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
+                           softmax_scale=float(scaling), dropout_p=float(dropout),
+                           sliding_window=window if causal else None, softcap=softcap, backend=slot.state.backend)
+    return out.transpose(1, 2), None

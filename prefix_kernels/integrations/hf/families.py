@@ -1,0 +1,144 @@
+"""Per-family adapters: each declares only what differs between model families.
+
+One generic mechanism (``apply.py``) prefix-tunes every family. A :class:`Family` says where the attention
+modules are (a layer list and the attention within a layer, relative to ``model.base_model``), where position
+ids enter (to shift them by P), and, for a family whose attention is not on transformers' AttentionInterface, the
+instance-level forward that replaces it. Everything else (causality, sliding windows, softcap, dropout, scale)
+reaches the attention function through the arguments transformers already passes it (the mask pattern,
+``sliding_window=``, ``softcap=``, ``dropout=``, ``scaling=``), so no family declares it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .bloom import bloom_attention_forward
+from .positions import PositionSpec
+
+
+class UnsupportedModelError(TypeError):
+    """The model's family has no adapter, or its structure is not what the adapter expects."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family is prefix-tuned.
+
+    Attributes:
+        name: for messages and the README.
+        model_types: ``config.model_type`` values served.
+        layers: dotted path of the layer ``ModuleList`` under ``model.base_model``.
+        attention: dotted path of the self-attention module within one layer.
+        positions: where position ids enter, to shift them by P; None when positions come from elsewhere.
+        forward: a replacement ``forward(self, ...)`` bound to each attention module instance, for a family whose
+            attention does not call transformers' AttentionInterface; None for the rest.
+        alibi: the family's attention adds ALiBi biases (its slots keep the slopes, one tensor per device).
+        features: what the family's attention uses, for the README (informative).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str
+    positions: PositionSpec | None
+    forward: Callable | None = None
+    alibi: bool = False
+    features: str = ""
+
+    def layer_list(self, model: nn.Module) -> nn.ModuleList:
+        """The model's layers."""
+        base = model.base_model
+        try:
+            return base.get_submodule(self.layers)
+        except AttributeError:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: expected the {self.name} layers at {type(base).__name__}.{self.layers}, "
+                "which this transformers version does not have") from None
+
+    def attention_modules(self, model: nn.Module, num_layers: int) -> list[nn.Module]:
+        """The self-attention module of each layer, in layer order."""
+        base = model.base_model
+        layers = self.layer_list(model)
+        if len(layers) != num_layers:
+            raise UnsupportedModelError(f"{type(model).__name__}: {type(base).__name__}.{self.layers} holds "
+                                        f"{len(layers)} layers but config.num_hidden_layers is {num_layers}")
+        modules = []
+        for i, layer in enumerate(layers):
+            try:
+                modules.append(layer.get_submodule(self.attention))
+            except AttributeError:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: expected the attention of layer {i} at {self.layers}.{i}."
+                    f"{self.attention}, which this transformers version does not have") from None
+        return modules
+
+
+_ROPE = PositionSpec("rotary_emb", 1, "position_ids")
+_DECODER = {"layers": "layers", "attention": "self_attn", "positions": _ROPE}
+
+FAMILIES: tuple[Family, ...] = (
+    Family("BERT", ("bert",), "encoder.layer", "attention.self",
+           PositionSpec("embeddings.position_embeddings", 0, "input"),
+           features="bidirectional (causal when is_decoder), learned absolute positions, attention dropout"),
+    Family("RoBERTa", ("roberta",), "encoder.layer", "attention.self",
+           PositionSpec("embeddings.position_embeddings", 0, "input", first=lambda c: c.pad_token_id + 1),
+           features="as BERT; positions start after padding_idx, pads keep padding_idx"),
+    Family("GPT-2", ("gpt2",), "h", "attn", PositionSpec("wpe", 0, "input"),
+           features="causal, learned absolute positions, per-layer scaling"),
+    Family("Llama", ("llama",), **_DECODER, features="causal, RoPE, GQA"),
+    Family("Qwen2", ("qwen2",), **_DECODER, features="causal, RoPE, GQA, optional sliding window per layer"),
+    Family("Qwen3", ("qwen3",), **_DECODER, features="causal, RoPE, GQA, head_dim != hidden / heads"),
+    Family("Mistral", ("mistral",), **_DECODER, features="causal, RoPE, GQA, sliding window"),
+    Family("Gemma 2", ("gemma2",), **_DECODER,
+           features="causal, RoPE, GQA, logit softcap, alternating sliding-window layers"),
+    Family("OPT", ("opt",), "decoder.layers", "self_attn", PositionSpec("decoder.embed_positions", 2, "position_ids"),
+           features="causal, learned positions from the mask cumsum (pads at -1)"),
+    Family("Bloom", ("bloom",), "h", "self_attention", None, forward=bloom_attention_forward, alibi=True,
+           features="causal, ALiBi (instance-level forward: Bloom's attention is not on the AttentionInterface)"),
+)
+
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+# PEFT's modules_to_save for its task-specific models, by the head class's name.
+_TASK_HEADS = (
+    ("ForSequenceClassification", "SEQ_CLS", ("classifier", "score")),
+    ("ForTokenClassification", "TOKEN_CLS", ("classifier", "score")),
+    ("ForQuestionAnswering", "QUESTION_ANS", ("qa_outputs",)),
+    ("ForCausalLM", "CAUSAL_LM", ()),
+    ("LMHeadModel", "CAUSAL_LM", ()),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_TYPE)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The adapter for ``model``, or :class:`UnsupportedModelError` naming the class and what is missing."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    name = type(model).__name__
+    if model_type is None or not hasattr(model, "base_model"):
+        raise TypeError(f"apply_prefix_tuning needs a transformers PreTrainedModel, got {name}")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"cannot prefix-tune {name} (model_type {model_type!r}): encoder-decoder models need prefixes for the "
+            "encoder, the decoder and cross-attention (PEFT's num_transformer_submodules=2), which is not built")
+    family = _BY_TYPE.get(model_type)
+    if family is None:
+        raise UnsupportedModelError(
+            f"cannot prefix-tune {name} (model_type {model_type!r}): no family adapter declares where its attention "
+            f"modules are and how its positions shift. Supported model types: {', '.join(supported_model_types())}")
+    return family
+
+
+def task_of(model: nn.Module) -> tuple[str | None, tuple[str, ...]]:
+    """PEFT's task type for ``model``'s head class and the head modules PEFT trains for it."""
+    name = type(model).__name__
+    for suffix, task, heads in _TASK_HEADS:
+        if name.endswith(suffix):
+            return task, heads
+    return None, ()

@@ -1,0 +1,64 @@
+"""Shifting the real tokens' positions by P, the way a prefix held in the KV cache shifts them.
+
+With PEFT the prefix occupies the first P cache slots, so a model that derives positions from the cache length
+(RoPE, GPT-2's and BERT's learned positions, OPT's mask cumsum, RoBERTa's padding-aware ids) puts the first
+real token at P, and PEFT adds P to position ids passed explicitly. Our prefix is not in the cache, so a forward
+pre-hook on the module that consumes the position ids (the rotary embedding, the position embedding table) adds
+P to them. Positions below ``first`` mark padding in some families (OPT: -1, RoBERTa: padding_idx) and stay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Where a family's position ids enter: the module at ``path`` (relative to the base model) receives them
+    as positional argument ``index`` or keyword ``keyword``. ``first(config)`` is the first real position."""
+
+    path: str
+    index: int
+    keyword: str
+    first: object = None  # callable(config) -> int; None means 0
+
+    def first_position(self, config) -> int:
+        return 0 if self.first is None else int(self.first(config))
+
+
+class ShiftPositions:
+    """Forward pre-hook adding ``offset`` to the position ids at or above ``first`` (while ``state.enabled``)."""
+
+    def __init__(self, spec: PositionSpec, offset: int, first: int, state):
+        self.spec = spec
+        self.offset = offset
+        self.first = first
+        self.state = state
+
+    def _shift(self, positions):
+        if not isinstance(positions, torch.Tensor):
+            return positions
+        return torch.where(positions >= self.first, positions + self.offset, positions)
+
+    def __call__(self, module, args, kwargs):
+        if not self.state.enabled:
+            return None
+        if kwargs.get(self.spec.keyword) is not None:
+            kwargs = {**kwargs, self.spec.keyword: self._shift(kwargs[self.spec.keyword])}
+            return args, kwargs
+        if len(args) > self.spec.index:
+            args = (*args[:self.spec.index], self._shift(args[self.spec.index]), *args[self.spec.index + 1:])
+            return args, kwargs
+        return None
+
+
+def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi slopes ``[num_heads]`` fp32 (Press et al.): for the largest power of two n <= num_heads, the geometric
+    sequence 2^(-8 k / n), k = 1..n; further heads take the odd terms of the sequence for 2n."""
+    n = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
+    slopes += [2.0 ** (-8.0 * k / (2 * n)) for k in range(1, 2 * (num_heads - n), 2)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
