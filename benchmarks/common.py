@@ -137,7 +137,7 @@ def bar_plot(path: str, groups: dict, ylabel: str, title: str, reference_lines: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = sorted({name for values in groups.values() for name in values})
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))  # first-seen order
     width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
     for i, name in enumerate(series):
