@@ -23,7 +23,17 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py, and this checkout's prefix_kernels before an installed one
-from common import RESULTS, Progress, append_csv, line_plot, run_metadata, slug, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    THREADS_HELP,
+    Progress,
+    append_csv,
+    line_plot,
+    run_metadata,
+    set_cpu_threads,
+    slug,
+    write_json,
+)
 
 from prefix_kernels._timing import measure  # noqa: E402
 from prefix_kernels.perf import Shape, available_providers, make_tensors  # noqa: E402
@@ -64,12 +74,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (the CPU smoke run)")
     parser.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--providers", nargs="*", help="substrings selecting providers (default: all available)")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    meta = run_metadata(device)
+    meta = {**run_metadata(device), "cpu_threads": set_cpu_threads(device, args.threads, True)}
     providers = available_providers(device)
     if args.providers:
         providers = {n: f for n, f in providers.items() if any(s in n for s in args.providers)}

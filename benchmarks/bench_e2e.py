@@ -48,7 +48,17 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py, and this checkout's prefix_kernels before an installed one
-from common import RESULTS, Progress, append_csv, bar_plot, run_metadata, slug, write_json  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    THREADS_HELP,
+    Progress,
+    append_csv,
+    bar_plot,
+    run_metadata,
+    set_cpu_threads,
+    slug,
+    write_json,
+)
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels._timing import held_mib, measure  # noqa: E402
@@ -429,19 +439,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models of the same families (the CPU run)")
     parser.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--only", nargs="*", help="substrings selecting workloads by name")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads on a CPU (default: 1 for the tiny grid, "
-                        "whose ops take microseconds: more threads only add synchronisation; torch's default else)")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = "quick" if args.quick or device.type != "cuda" else "full"
-    if args.threads or (device.type == "cpu" and chosen == "quick"):
-        torch.set_num_threads(args.threads or 1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT's use of `past_key_values` (transformers 5.24)
     if chosen == "quick" and not args.quick:
         print("no GPU: running the --quick grid (tiny models; the full grid is for a GPU)", file=sys.stderr)
     start = time.perf_counter()
-    meta = {**run_metadata(device), "size": chosen, "cpu_threads": torch.get_num_threads()}
+    meta = {**run_metadata(device), "size": chosen, "cpu_threads": set_cpu_threads(device, args.threads, True)}
     workloads = [w for w in grid(chosen) if not args.only or any(s in w.name for s in args.only)]
     bench = Bench(device, chosen, meta)
     progress = Progress(len(workloads), "bench_e2e")

@@ -61,6 +61,18 @@ def run_metadata(device: torch.device) -> dict:
     }
 
 
+def set_cpu_threads(device: torch.device, requested: int | None, small: bool) -> int:
+    """torch's intra-op threads for a CPU run: ``requested``, else 1 for ``small`` grids, whose ops take microseconds
+    (more threads only add synchronisation, and on a shared machine each sync can wait a scheduler quantum), else
+    torch's default. Returns the count, for the run's metadata."""
+    if device.type == "cpu" and (requested or small):
+        torch.set_num_threads(requested or 1)
+    return torch.get_num_threads()
+
+
+THREADS_HELP = "torch intra-op threads on a CPU (default: 1 for the small CPU grids, torch's default otherwise)"
+
+
 def write_json(path: str, meta: dict, rows: list[dict], **extra) -> None:
     """This run's rows and metadata as one JSON document (the CSV beside it accumulates runs)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -70,16 +82,29 @@ def write_json(path: str, meta: dict, rows: list[dict], **extra) -> None:
 
 
 def append_csv(path: str, rows: list[dict]) -> None:
-    """Append rows (dicts with the same keys) to a CSV, writing the header when the file is new."""
+    """Append rows (dicts with the same keys) to a CSV, writing the header when the file is new. When the file's
+    columns differ (a script gained one), it is rewritten with the union of both, old rows blank in new columns."""
     if not rows:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    fields = list(rows[0].keys())
+    old: list[dict] = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != fields:
+                old = list(reader)
+                fields = list(dict.fromkeys([*reader.fieldnames, *fields]))
+            else:
+                fields = None  # same columns: plain append
+    if fields is None:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=list(rows[0].keys())).writerows(rows)
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old + rows)
 
 
 class Progress:
