@@ -172,7 +172,7 @@ def bar_plot(path: str, groups: dict, ylabel: str, title: str, reference_lines: 
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     for label, y in (reference_lines or {}).items():
         ax.axhline(y, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(label, (len(groups) - 0.5, y), fontsize=7, ha="right", va="bottom", color="grey")
+        ax.annotate(label, (-0.45, y), fontsize=7, ha="left", va="bottom", color="grey")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(list(groups), rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
