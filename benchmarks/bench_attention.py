@@ -4,8 +4,9 @@ Providers: prefix_kernels (triton; cuda when built), and concatenating the prefi
 efficient, cudnn), FlexAttention, or flash-attn's function (when installed); the concatenation is
 part of their time. Reports median ms with 20/80% quantiles, TFLOP/s counted on the P + L keys
 (forward 4 B Hq L (P + L) D, the input part halved when causal; backward 2.5x the forward), and the
-peak memory of a forward+backward (CUDA). Rows are appended to
-``results/attention_<device>.csv``; ``attention_<device>_<mode>.png`` plots TFLOP/s against L.
+peak memory of each (CUDA). Rows are appended to ``results/attention_<device>.csv``, this run is
+``attention_<device>.json``, and ``attention_<device>_<mode>.png`` plots TFLOP/s against L, one panel per
+(D, Hkv, P, mask).
 
     python benchmarks/bench_attention.py            # the full grid, on a GPU
     python benchmarks/bench_attention.py --quick    # small shapes; the CPU smoke run (< 1 minute)
@@ -20,8 +21,19 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, Progress, append_csv, line_plot, run_metadata, slug  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py, and this checkout's prefix_kernels before an installed one
+from common import (  # noqa: E402
+    RESULTS,
+    THREADS_HELP,
+    Progress,
+    append_csv,
+    line_plot,
+    run_metadata,
+    set_cpu_threads,
+    slug,
+    write_json,
+)
 
 from prefix_kernels._timing import measure  # noqa: E402
 from prefix_kernels.perf import Shape, available_providers, make_tensors  # noqa: E402
@@ -62,12 +74,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (the CPU smoke run)")
     parser.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--providers", nargs="*", help="substrings selecting providers (default: all available)")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    meta = run_metadata(device)
+    meta = {**run_metadata(device), "cpu_threads": set_cpu_threads(device, args.threads, True)}
     providers = available_providers(device)
     if args.providers:
         providers = {n: f for n, f in providers.items() if any(s in n for s in args.providers)}
@@ -100,17 +113,19 @@ def main(argv=None) -> int:
 
     stem = os.path.join(args.out, f"attention_{slug(meta['device'])}")
     append_csv(stem + ".csv", rows)
-    print(f"wrote {len(rows)} rows to {stem}.csv")
+    write_json(stem + ".json", meta, rows)
+    print(f"wrote {len(rows)} rows to {stem}.csv (appended) and {stem}.json (this run)")
     if not args.no_plot:
         for mode in MODES:
             panels: dict = {}
             for r in rows:
                 if r["mode"] != mode or r["status"] != "ok":
                     continue
-                panel = f"D={r['head_dim']} Hkv={r['heads_kv']} P={r['prefix']} {'causal' if r['causal'] else 'full'}"
+                panel = (r["head_dim"], -r["heads_kv"], r["prefix"], r["causal"])  # every (D, Hkv, P, mask)
                 panels.setdefault(panel, {}).setdefault(r["provider"], []).append((r["seq"], r["tflops"]))
-            keep = dict(sorted(panels.items())[:8])  # the first 8 panels (D, Hkv, P, mask) in order
-            line_plot(f"{stem}_{mode}.png", keep, "L (tokens per row)", "TFLOP/s",
+            titled = {f"D={D} Hkv={-h} P={P} {'causal' if c else 'full'}": series
+                      for (D, h, P, c), series in sorted(panels.items())}
+            line_plot(f"{stem}_{mode}.png", titled, "L (tokens per row)", "TFLOP/s",
                       f"prefix attention {mode}, {meta['device']}, {rows[0]['dtype']}, commit {meta['commit']}")
             print(f"wrote {stem}_{mode}.png")
     print_summary(rows)

@@ -19,10 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,9 +28,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import device_name, git_commit, slug  # noqa: E402
 
 from prefix_kernels import PrefixEncoder  # noqa: E402
-from prefix_kernels._timing import measure  # noqa: E402
+from prefix_kernels._timing import held_mib, measure  # noqa: E402
 from prefix_kernels.ops.reparam import project_prefix_ref  # noqa: E402
 
 
@@ -65,22 +64,6 @@ def _progress(total: int):
                 print(file=sys.stderr)
 
         return Plain()
-
-
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _peft_encoder(shape: Shape, device):
@@ -139,24 +122,6 @@ def _providers(shape: Shape, device, fused: bool):
     return out
 
 
-def held_mib(fn, params) -> float:
-    """MiB that one forward keeps alive until its backward: its outputs and the tensors autograd saves,
-    counted once per storage, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    held = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            held[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for t in fn():
-            pack(t)
-    return sum(held.values()) / 2**20
-
-
 def _autocast(device, dtype):
     if dtype is None:
         import contextlib
@@ -184,7 +149,7 @@ def run(quick: bool, device: torch.device):
                     fwd = measure(lambda fn=fn: fn(), device, warmup=1, reps=reps)
                     full = held = None
                     if params:
-                        held = held_mib(fn, params)
+                        held = held_mib(fn, params, count_outputs=True)
                         grads = [torch.randn_like(t) for t in fn()]
                         full = measure(lambda fn=fn, params=params, grads=grads: torch.autograd.grad(
                             fn(), params, grads), device, warmup=1, reps=reps)
@@ -234,8 +199,8 @@ def main(argv=None) -> int:
     start = time.time()
     rows = run(args.quick, device)
     meta = {
-        "device": _device_name(device), "torch": torch.__version__, "triton": triton_version,
-        "commit": _git_commit(), "quick": args.quick, "seconds": round(time.time() - start, 1),
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+        "commit": git_commit(), "quick": args.quick, "seconds": round(time.time() - start, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "note": "" if device.type == "cuda" else
         "CPU: the fused Triton path is not timed (the interpreter is not a speed measurement); peak memory is "
@@ -244,9 +209,9 @@ def main(argv=None) -> int:
     _print(rows, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
-    (out / f"reparam_{slug}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    csv_path = out / f"reparam_{slug}.csv"
+    name = slug(meta["device"])
+    (out / f"reparam_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    csv_path = out / f"reparam_{name}.csv"
     fields = ["date", "device", "torch", "triton", "commit", *rows[0].keys()]
     new = not csv_path.exists()
     with csv_path.open("a", newline="") as f:
@@ -255,7 +220,7 @@ def main(argv=None) -> int:
             writer.writeheader()
         for r in rows:
             writer.writerow({k: meta[k] for k in ("date", "device", "torch", "triton", "commit")} | r)
-    print(f"wrote {out / f'reparam_{slug}.json'} and appended to {csv_path} ({meta['seconds']} s)")
+    print(f"wrote {out / f'reparam_{name}.json'} and appended to {csv_path} ({meta['seconds']} s)")
     return 0
 
 

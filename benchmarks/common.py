@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,49 +24,87 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+    """A device name as it appears in result file names: "CPU x86_64 (2 cores)" -> "cpu-x86-64-2-cores"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_commit() -> str:
+    """The checkout's commit, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return ""
 
 
 def run_metadata(device: torch.device) -> dict:
     """Device, library versions, git commit and time: carried by every row."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    try:
-        import transformers
-
-        tf_version = transformers.__version__
-    except ImportError:
-        tf_version = ""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
     return {
         "time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": commit or "unknown",
+        "commit": git_commit(),
         "device": device_name(device),
         "torch": torch.__version__,
-        "triton": triton_version,
-        "transformers": tf_version,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
     }
 
 
+def set_cpu_threads(device: torch.device, requested: int | None, small: bool) -> int:
+    """torch's intra-op threads for a CPU run: ``requested``, else 1 for ``small`` grids, whose ops take microseconds
+    (more threads only add synchronisation, and on a shared machine each sync can wait a scheduler quantum), else
+    torch's default. Returns the count, for the run's metadata."""
+    if device.type == "cpu" and (requested or small):
+        torch.set_num_threads(requested or 1)
+    return torch.get_num_threads()
+
+
+THREADS_HELP = "torch intra-op threads on a CPU (default: 1 for the small CPU grids, torch's default otherwise)"
+
+
+def write_json(path: str, meta: dict, rows: list[dict], **extra) -> None:
+    """This run's rows and metadata as one JSON document (the CSV beside it accumulates runs)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, **extra, "rows": rows}, f, indent=1)
+        f.write("\n")
+
+
 def append_csv(path: str, rows: list[dict]) -> None:
-    """Append rows (dicts with the same keys) to a CSV, writing the header when the file is new."""
+    """Append rows (dicts with the same keys) to a CSV, writing the header when the file is new. When the file's
+    columns differ (a script gained one), it is rewritten with the union of both, old rows blank in new columns."""
     if not rows:
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    fields = list(rows[0].keys())
+    old: list[dict] = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != fields:
+                old = list(reader)
+                fields = list(dict.fromkeys([*reader.fieldnames, *fields]))
+            else:
+                fields = None  # same columns: plain append
+    if fields is None:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=list(rows[0].keys())).writerows(rows)
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(old + rows)
 
 
 class Progress:
@@ -110,5 +150,35 @@ def line_plot(path: str, panels: dict, xlabel: str, ylabel: str, title: str, log
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bar_plot(path: str, groups: dict, ylabel: str, title: str, reference_lines: dict | None = None) -> None:
+    """groups: {x label: {series name: value}} -> one PNG of grouped bars; ``reference_lines``: {label: y} drawn
+    as dashed horizontal lines (say, parity at 1.0 and a target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))  # first-seen order
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.2))
+    for i, name in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        ys = [values.get(name, float("nan")) for values in groups.values()]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    for label, y in (reference_lines or {}).items():
+        ax.axhline(y, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(label, (-0.45, y), fontsize=7, ha="left", va="bottom", color="grey")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(list(groups), rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

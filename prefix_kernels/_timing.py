@@ -50,3 +50,25 @@ def measure(fn, device: torch.device, *, warmup: int = 3, reps: int = 10, min_ti
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[1], q[7], peak)
+
+
+def held_mib(fn, exclude=(), *, count_outputs: bool = False) -> float:
+    """MiB that one call of ``fn()`` keeps alive for its backward: the tensors autograd saves (and, with
+    ``count_outputs``, the tensors ``fn`` returns), counted once per storage, the storages of ``exclude`` (say, the
+    parameters) left out. Works on any device; on a CPU, which keeps no allocator statistics, it is the memory
+    measure of the demo and the benchmarks."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    held = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+        if count_outputs:
+            for t in out:
+                pack(t)
+    return sum(held.values()) / 2**20

@@ -40,20 +40,6 @@ def _verdict(results) -> tuple[bool, str]:
     return ok, f"{'ok' if ok else 'FAIL'} ({len(results)} quantities; closest to its bound: {worst})"
 
 
-def _held_mib(fn) -> float:
-    """MiB of tensors autograd keeps for the backward of ``fn()`` (storages counted once)."""
-    held = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        held[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(held.values()) / 2**20
-
-
 def _train(model, handle, batches, steps: int, lr: float, label: str) -> list[float]:
     optimizer = torch.optim.AdamW(handle.trainable_parameters(), lr=lr)
     model.train()
@@ -148,7 +134,7 @@ def _decoder(device, backend) -> bool:
 
 def _train_step_rows(device, name, model, reference, handle, batch, length, padding):
     """Time a training step (forward + backward) of both paths, and their memory."""
-    from ._timing import measure
+    from ._timing import held_mib, measure
     from .integrations.hf.reference import eager_forward, peft_style_prefix
 
     ids = torch.randint(3, model.config.vocab_size, (batch, length), device=device)
@@ -170,7 +156,7 @@ def _train_step_rows(device, name, model, reference, handle, batch, length, padd
     rows = []
     for path, fn in (("prefix_kernels", ours), ("eager PEFT-style (prefix per row, cache)", peft_style)):
         timing = measure(fn, device, warmup=1, reps=3)
-        mib = timing.peak_mib if device.type == "cuda" else _held_mib(fn)
+        mib = timing.peak_mib if device.type == "cuda" else held_mib(fn)
         rows.append((name, path, timing.median_ms, mib))
         print(f"    {name:34} {path:40} {timing.median_ms:8.1f} {mib:17.1f}")
     model.eval()

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark harnesses: they run (--quick) and write their CSV rows and plots."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,26 @@ def test_bench_attention_quick_writes_rows_and_plots(tmp_path):
         assert r["device"] and r["torch"] and r["commit"]
     for png in pngs:
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+@pytest.mark.xdist_group("benchmarks")
+def test_bench_e2e_quick_writes_rows_and_plot(tmp_path):
+    """The end-to-end harness runs (tiny models, torch backend, PEFT or its stand-in) and writes its JSON, CSV and
+    PNG. Only that it runs: the numbers of a shared CPU say nothing."""
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_e2e.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["csv", "json", "png"], files
+    stem = files[0].rsplit(".", 1)[0]
+    assert stem.startswith("e2e_")
+    with open(tmp_path / f"{stem}.json") as f:
+        run = json.load(f)
+    with open(tmp_path / f"{stem}.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(run["rows"])
+    assert {"device", "torch", "transformers", "commit"} <= set(run["meta"])
+    workloads = {r["workload"] for r in run["rows"]}
+    assert {r["workload"] for r in run["rows"] if r["path"] == "prefix_kernels"} == workloads
+    assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
