@@ -31,8 +31,8 @@ from .positions import alibi_slopes
 class PrefixState:
     """Shared by the slots of one model. ``enabled`` is False inside ``handle.disabled()``."""
 
-    def __init__(self, encoder: PrefixEncoder | PrefixBank, *, backend: str, shift_positions: bool, probe: torch.nn.Module,
-                 layer: torch.nn.Module | None = None):
+    def __init__(self, encoder: PrefixEncoder | PrefixBank, *, backend: str, shift_positions: bool,
+                 probe: torch.nn.Module, layer: torch.nn.Module | None = None):
         self.encoder = encoder
         self.probe = probe  # an attention module: its weights' dtype is the attention's dtype
         self.layer = layer  # the first layer: transformers marks gradient checkpointing on it
