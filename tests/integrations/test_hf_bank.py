@@ -240,3 +240,23 @@ def test_each_prefix_saves_as_its_own_adapter_and_a_bank_loads_from_them(tmp_pat
     with pytest.raises(ValueError, match="different weights for 'classifier'"):
         pk.load_peft_adapters(again, {"a": written["a"], "other": tmp_path / "other"})
     assert not hasattr(again, "prefix_encoder")  # the failed load undid itself
+
+
+def test_triton_interpreter_bank_matches_torch_backend():
+    """The Triton kernels (the CPU interpreter here) serve a bank inside a model: outputs and every prefix's
+    gradient as the torch backend gives them, for mixed lengths and a row without a prefix."""
+    configs = {n: dataclasses.replace(c, backend="auto") for n, c in CONFIGS.items()}
+    model, handle = _bank("llama", "lm", configs)
+    ids, mask = batch(batch_size=4, length=5, padding="left")
+    results = []
+    for backend in ("auto", "torch"):
+        handle.state.backend = backend
+        with handle.use_prefix([2, -1, 0, 1]):
+            out = model(input_ids=ids, attention_mask=mask).logits
+        (out[mask.bool()] * _weights(out[mask.bool()])).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in handle.prefix_encoder.parameters()]))
+        handle.prefix_encoder.zero_grad()
+    (out_t, grads_t), (out_r, grads_r) = results
+    torch.testing.assert_close(out_t[mask.bool()], out_r[mask.bool()], rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads_t, grads_r, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
