@@ -248,7 +248,8 @@ class PrefixBank(nn.Module):
         """The bank ``[num_layers, 2, N, num_kv_heads, Pmax, head_dim]``: ``bank[l, 0]`` and ``bank[l, 1]`` are
         layer l's keys and values ``[N, num_kv_heads, Pmax, head_dim]``, zero past each prefix's length."""
         outs = [e(dtype=dtype) for e in self.encoders]
-        cache = self._cache
+        compiling = torch.compiler.is_compiling()
+        cache = None if compiling else self._cache
         if cache is not None and cache[0] == dtype and all(
                 a is b and (v is None or a._version == v) for a, b, v in zip(outs, cache[1], cache[2], strict=True)):
             return cache[3]
@@ -258,7 +259,7 @@ class PrefixBank(nn.Module):
         padded = [F.pad(o.to(out_dtype), (0, 0, 0, pmax - o.shape[3])) if o.shape[3] < pmax else o.to(out_dtype)
                   for o in outs]
         bank = torch.stack(padded, dim=2)
-        if not bank.requires_grad:
+        if not bank.requires_grad and not compiling:
             versions = tuple(None if o.is_inference() else o._version for o in outs)
             self._cache = (dtype, tuple(outs), versions, bank)
         return bank
