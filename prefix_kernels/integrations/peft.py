@@ -103,9 +103,8 @@ def load_peft_adapters(model, adapters, *, is_trainable: bool = False, backend: 
     ``with handle.use_prefix(["sst2", "qnli", None, ...]):`` (one entry per batch row; None: the base model).
 
     ``adapters``: a mapping name -> directory (names without '.' or '/'), or a sequence of directories (named by
-    their base names). The adapters may have different ``num_virtual_tokens``. Their ``modules_to_save`` are
-    shared by the whole batch, so adapters that carry them must carry the same weights (a head per task is not
-    routed per row); otherwise a ValueError names the first that differs.
+    their base names). The adapters may have different ``num_virtual_tokens``; each keeps its own
+    ``modules_to_save`` (a classifier per task, of the model's shape), applied to its rows.
     """
     if not isinstance(adapters, Mapping):
         adapters = {os.path.basename(os.path.normpath(os.fspath(d))): d for d in adapters}
@@ -133,22 +132,15 @@ def _load(model, adapters: dict, *, is_trainable: bool, backend: str) -> PrefixH
     bank = list(configs) != [None]
     handle = apply_prefix_tuning(model, configs if bank else configs[None])
     try:
-        head_source: dict[str, tuple[str, torch.Tensor]] = {}  # weight key -> (directory it came from, tensor)
         for name, (directory, _, tensors, _) in loaded.items():
             used = {PROMPT_KEY}
             with torch.no_grad():
                 handle.encoder_of(name).embedding.weight.copy_(tensors[PROMPT_KEY])
-            for qualified, module in handle.modules_to_save.items():
+            for qualified, module in handle.modules_to_save_of(name).items():
                 start = f"{HEAD_PREFIX}{qualified}."
                 state = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
                 if not state:
                     continue
-                for k, v in state.items():
-                    first = head_source.setdefault(start + k, (directory, v))
-                    if not torch.equal(first[1], v):
-                        raise ValueError(f"adapters {first[0]!r} and {directory!r} hold different weights for "
-                                         f"{qualified!r} ({k}): one batch shares the heads of modules_to_save, so "
-                                         "the adapters of a bank must agree on them")
                 module.load_state_dict(state, strict=True)
                 used.update(start + k for k in state)
             unused = sorted(set(tensors) - used)
@@ -200,7 +192,7 @@ def save_peft_adapter(model_or_handle, directory: str | os.PathLike, *, prefix: 
         encoder.train(was_training)
     prefix_len = table.shape[3]
     tensors = {PROMPT_KEY: table.permute(3, 0, 1, 2, 4).reshape(prefix_len, -1).contiguous().cpu()}
-    for qualified, module in handle.modules_to_save.items():
+    for qualified, module in handle.modules_to_save_of(prefix).items():
         for key, value in module.state_dict().items():
             tensors[f"{HEAD_PREFIX}{qualified}.{key}"] = value.detach().contiguous().cpu()
     layers, _, kv_heads, head_dim = _sizes(model)

@@ -32,6 +32,7 @@ from . import registration
 from .attention import SLOT_ATTR
 from .config import PrefixConfig
 from .families import Family, family_of, task_of
+from .heads import RoutedHead
 from .positions import ShiftPositions
 from .state import PrefixSlot, PrefixState
 
@@ -78,8 +79,8 @@ class PrefixHandle:
         family: the :class:`~.families.Family` adapter that served it.
         prefix_encoder: the :class:`~prefix_kernels.PrefixEncoder` (also ``model.prefix_encoder``), or for many
             prefixes the :class:`~prefix_kernels.PrefixBank` holding one per prefix.
-        modules_to_save: qualified name -> the trainable copy of each task head swapped into the model (shared by
-            every prefix of a bank).
+        modules_to_save: qualified name -> the trainable copy of each task head swapped into the model; for a bank,
+            a :class:`~.heads.RoutedHead` holding one copy per prefix (see :meth:`modules_to_save_of`).
     """
 
     def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder | PrefixBank,
@@ -131,6 +132,15 @@ class PrefixHandle:
             raise ValueError(f"name the prefix: this model holds {list(self.prefix_names)}")
         return self.prefix_encoder.encoders[self.prefix_encoder.index_of(prefix)]
 
+    def modules_to_save_of(self, prefix=None) -> dict[str, nn.Module]:
+        """Qualified name -> the head module of one prefix (a name or bank position; for a single prefix, its
+        ``modules_to_save``). A bank keeps a copy of every head per prefix (:class:`~.heads.RoutedHead`)."""
+        if not self.is_bank:
+            self.encoder_of(prefix)  # checks the name
+            return dict(self.modules_to_save)
+        i = self.prefix_encoder.index_of(0 if prefix is None and self.num_prefixes == 1 else prefix)
+        return {name: routed.heads[i] for name, routed in self.modules_to_save.items()}
+
     def set_prefix_index(self, selection) -> None:
         """Choose each batch row's prefix for the following forwards (``generate()`` included), until changed or
         cleared with None.
@@ -174,7 +184,8 @@ class PrefixHandle:
     @contextlib.contextmanager
     def disabled(self):
         """Run the model without the prefix: its previous attention implementation, masks and positions, as before
-        applying (the trainable copies of ``modules_to_save`` stay in place)."""
+        applying (the trainable copies of ``modules_to_save`` stay in place; a bank's per-prefix heads give way
+        to the model's own)."""
         self._require_active()
         self.state.enabled = False
         for config, previous in self._configs:
@@ -254,8 +265,12 @@ class PrefixHandle:
         for qualified, module in found.items():
             parent_name, _, attr = qualified.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            trainable = copy.deepcopy(module)
-            trainable.requires_grad_(True)
+            if self.state.is_bank:  # a head per prefix, routed per row
+                copies = [copy.deepcopy(module).requires_grad_(True) for _ in range(self.num_prefixes)]
+                trainable = RoutedHead(module, copies, self.state)
+            else:
+                trainable = copy.deepcopy(module)
+                trainable.requires_grad_(True)
             parent._modules[attr] = trainable
             self.modules_to_save[qualified] = trainable
             self._undo.append(lambda parent=parent, attr=attr, module=module: parent._modules.__setitem__(attr, module))
@@ -384,7 +399,8 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig | Mapping[str, Pr
     ``freeze_base_model`` and ``backend`` must agree). Each batch row then uses the prefix chosen by
     ``handle.use_prefix(...)`` / ``handle.set_prefix_index(...)`` (or none), and computes exactly what the
     single-prefix model of that prefix computes for it: positions shift by that row's prefix length, and a
-    prefix's gradient is the sum over its rows. The heads in ``modules_to_save`` are shared by the prefixes.
+    prefix's gradient is the sum over its rows. Each prefix gets its own trainable copy of every head in
+    ``modules_to_save``, applied to its rows (rows without a prefix go through the model's own head).
 
     Args:
         model: a ``PreTrainedModel`` of a supported family (see :func:`supported_model_types`), any head.

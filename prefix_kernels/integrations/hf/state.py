@@ -45,6 +45,7 @@ class PrefixState:
         self.rows: torch.Tensor | None = None  # this forward's [B] prefix index (None: every row uses the prefix)
         self.row_lengths: torch.Tensor | None = None  # this forward's [B] int64 prefix length per row
         self._resolved: dict = {}  # (B, device) -> (rows, row_lengths), for the current selection
+        self._groups: list | None = None  # this forward's [(prefix, row indices)], made on first use
 
     @property
     def is_bank(self) -> bool:
@@ -120,6 +121,14 @@ class PrefixState:
             row_lengths = torch.where(index >= 0, lengths[index.clamp(min=0)], 0)
             self._resolved[key] = (index.to(device), row_lengths.to(device))
         self.rows, self.row_lengths = self._resolved[key]
+
+    def row_groups(self) -> list[tuple[int, torch.Tensor]]:
+        """This forward's rows grouped by prefix: ``[(prefix or -1, row indices [n_i])]`` (for per-prefix heads)."""
+        if self._groups is None:
+            rows = self.rows
+            values = rows.cpu()
+            self._groups = [(int(v), (values == v).nonzero().view(-1).to(rows.device)) for v in values.unique()]
+        return self._groups
     @property
     def num_virtual_tokens(self) -> int:
         return self.encoder.num_virtual_tokens
@@ -157,6 +166,7 @@ class PrefixState:
         the row selection against this forward's batch."""
         self._prefix = {}
         self.fetches = 0
+        self._groups = None
         if self.enabled:
             self._resolve(_batch_size(args, kwargs), self.probe_device())
             self._check_checkpointing()
