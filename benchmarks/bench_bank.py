@@ -49,7 +49,7 @@ def sizes(quick: bool) -> dict:
                                                            intermediate_size=512),
                 "decoder": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                                 intermediate_size=512),
-                "rows": 4, "seq": 64, "prompt": 32, "new": 8, "reps": 2}
+                "rows": 4, "seq": 64, "prompt": 32, "new": 8, "reps": 3}
     return {"ks": (1, 4, 16), "P": 16, "encoder": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                                         intermediate_size=3072),
             "decoder": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
