@@ -3,9 +3,10 @@
 What applying does to a model, each step recorded with its exact undo (``remove()`` runs them in reverse):
 
 1. freezes the model's parameters (optional) and swaps each task head to train (``modules_to_save``) for a
-   trainable copy, so the model's own head stays as it was;
-2. adds the :class:`~prefix_kernels.PrefixEncoder` as the submodule ``prefix_encoder`` (``model.parameters()``,
-   optimizers, ``state_dict`` and ``.to()`` see it);
+   trainable copy, so the model's own head stays as it was (for a prefix bank, a :class:`~.heads.RoutedHead`
+   holding a copy per prefix);
+2. adds the :class:`~prefix_kernels.PrefixEncoder` (or the :class:`~prefix_kernels.PrefixBank` of many) as the
+   submodule ``prefix_encoder`` (``model.parameters()``, optimizers, ``state_dict`` and ``.to()`` see it);
 3. points the model's configs at our attention implementation (registered once with transformers' attention and
    mask interfaces), remembering the previous one;
 4. gives each self-attention module its own prefix slot (and, for a family whose attention is not on the
