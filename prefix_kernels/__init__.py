@@ -1,12 +1,12 @@
 """prefix_kernels: fused kernels for prefix tuning and P-Tuning v2.
 
-The public API lives here and nothing else: ``prefix_attention`` and ``PrefixEncoder`` (the kernels), and
-``apply_prefix_tuning`` / ``PrefixConfig`` / ``load_peft_adapter`` / ``save_peft_adapter`` (Hugging Face models
-and PEFT adapters; imported on first use, as they need transformers).
+The public API lives here and nothing else: ``prefix_attention``, ``PrefixEncoder`` and ``PrefixBank`` (the
+kernels and the prefix modules), and ``apply_prefix_tuning`` / ``PrefixConfig`` / ``load_peft_adapter(s)`` /
+``save_peft_adapter`` (Hugging Face models and PEFT adapters; imported on first use, as they need transformers).
 """
 
 from .backends import BackendUnavailableError
-from .modules import PrefixEncoder
+from .modules import PrefixBank, PrefixEncoder
 from .ops.attention import prefix_attention, prefix_attention_ref, select_backend
 
 __version__ = "0.1.0"
@@ -20,11 +20,13 @@ _LAZY = {
     "apply_prefix_tuning": ".integrations.hf",
     "supported_model_types": ".integrations.hf",
     "load_peft_adapter": ".integrations.peft",
+    "load_peft_adapters": ".integrations.peft",
     "save_peft_adapter": ".integrations.peft",
 }
 
 __all__ = [
     "BackendUnavailableError",
+    "PrefixBank",
     "PrefixConfig",
     "PrefixEncoder",
     "PrefixHandle",
@@ -32,6 +34,7 @@ __all__ = [
     "__version__",
     "apply_prefix_tuning",
     "load_peft_adapter",
+    "load_peft_adapters",
     "prefix_attention",
     "prefix_attention_ref",
     "save_peft_adapter",

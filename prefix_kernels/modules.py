@@ -4,6 +4,7 @@ layout the attention kernels read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -160,3 +161,105 @@ class PrefixEncoder(nn.Module):
             out_version=None if prefix.is_inference() else prefix._version,
         )
         return prefix
+
+
+class PrefixBank(nn.Module):
+    """N learned prefixes of one model, served together: the bank ``[num_layers, 2, N, num_kv_heads, Pmax,
+    head_dim]`` that :func:`prefix_kernels.prefix_attention` reads with a per-row ``prefix_index``.
+
+    Why a container of N :class:`PrefixEncoder` rather than one encoder with a prefix axis: each prefix keeps
+    its own length, projection, hidden size and dropout (adapters trained apart, with different
+    ``num_virtual_tokens``, share a bank), its own PEFT parameter names (``encoders.<i>.embedding.weight`` is
+    a PrefixEncoder's state dict, so each prefix saves and loads as its own adapter), and its own frozen-use
+    cache. The cost is N encoder calls per step instead of one fused call, which is small beside the
+    attention: the encoders run once per step, never per batch row. Prefixes shorter than Pmax are
+    zero-padded; ``prefix_lengths()`` tells the attention to mask their tails.
+
+    The stacked bank is itself cached: when every encoder returns its cached prefix (nothing can take a
+    gradient and nothing changed), the previous stack is returned again, not rebuilt.
+
+    Args:
+        encoders: the prefixes, in bank order (a sequence, or a mapping name -> encoder).
+        names: one name per prefix (default ``"0"``, ``"1"``, ...); with a mapping, its keys.
+    """
+
+    def __init__(self, encoders, names=None):
+        super().__init__()
+        if isinstance(encoders, Mapping):
+            if names is not None:
+                raise ValueError("give names either as the mapping's keys or as names, not both")
+            names, encoders = list(encoders.keys()), list(encoders.values())
+        encoders = list(encoders)
+        if not encoders:
+            raise ValueError("a prefix bank needs at least one prefix")
+        if not all(isinstance(e, PrefixEncoder) for e in encoders):
+            raise TypeError("a prefix bank holds PrefixEncoder modules")
+        names = [str(i) for i in range(len(encoders))] if names is None else [str(n) for n in names]
+        if len(names) != len(encoders) or len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"need {len(encoders)} distinct non-empty names, got {names}")
+        first = encoders[0]
+        for name, e in zip(names, encoders, strict=True):
+            got = (e.num_layers, e.num_kv_heads, e.head_dim)
+            want = (first.num_layers, first.num_kv_heads, first.head_dim)
+            if got != want:
+                raise ValueError(f"prefix {name!r} has (num_layers, num_kv_heads, head_dim) {got}, the bank {want}")
+        self.names = tuple(names)
+        self.encoders = nn.ModuleList(encoders)
+        self.num_layers, self.num_kv_heads, self.head_dim = first.num_layers, first.num_kv_heads, first.head_dim
+        self.lengths = tuple(e.num_virtual_tokens for e in encoders)
+        self.num_virtual_tokens = max(self.lengths)  # Pmax
+        self._lengths: dict[torch.device, torch.Tensor] = {}
+        self._cache: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.encoders)
+
+    def extra_repr(self) -> str:
+        return f"names={list(self.names)}, lengths={list(self.lengths)}"
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None
+        self._lengths = {}
+        return super()._apply(fn, recurse)
+
+    def index_of(self, prefix) -> int:
+        """The bank position of ``prefix`` (a name, or an int in [0, N))."""
+        if isinstance(prefix, str):
+            if prefix not in self.names:
+                raise KeyError(f"no prefix named {prefix!r} in the bank; names: {list(self.names)}")
+            return self.names.index(prefix)
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix < len(self):
+            raise ValueError(f"prefix must be a name or an int in [0, {len(self)}), got {prefix!r}")
+        return prefix
+
+    def uniform(self) -> bool:
+        """Whether every prefix has the bank's length (then no tail needs masking)."""
+        return all(p == self.num_virtual_tokens for p in self.lengths)
+
+    def prefix_lengths(self, device) -> torch.Tensor:
+        """``[N]`` int32: each prefix's length, on ``device`` (made once per device)."""
+        device = torch.device(device)
+        lengths = self._lengths.get(device)
+        if lengths is None:
+            lengths = self._lengths[device] = torch.tensor(self.lengths, dtype=torch.int32, device=device)
+        return lengths
+
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The bank ``[num_layers, 2, N, num_kv_heads, Pmax, head_dim]``: ``bank[l, 0]`` and ``bank[l, 1]`` are
+        layer l's keys and values ``[N, num_kv_heads, Pmax, head_dim]``, zero past each prefix's length."""
+        outs = [e(dtype=dtype) for e in self.encoders]
+        compiling = torch.compiler.is_compiling()
+        cache = None if compiling else self._cache
+        if cache is not None and cache[0] == dtype and all(
+                a is b and (v is None or a._version == v) for a, b, v in zip(outs, cache[1], cache[2], strict=True)):
+            return cache[3]
+        self._cache = None
+        out_dtype = outs[0].dtype if dtype is None else dtype
+        pmax = self.num_virtual_tokens
+        padded = [F.pad(o.to(out_dtype), (0, 0, 0, pmax - o.shape[3])) if o.shape[3] < pmax else o.to(out_dtype)
+                  for o in outs]
+        bank = torch.stack(padded, dim=2)
+        if not bank.requires_grad and not compiling:
+            versions = tuple(None if o.is_inference() else o._version for o in outs)
+            self._cache = (dtype, tuple(outs), versions, bank)
+        return bank

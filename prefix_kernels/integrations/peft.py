@@ -14,12 +14,16 @@ The format, as PEFT (0.21) writes it for ``PrefixTuningConfig``:
 
 A loaded adapter therefore holds the prefix as a table (``prefix_projection=False``), exactly as PEFT loads it
 for inference.
+
+Several adapters trained for one model load into one prefix bank (:func:`load_peft_adapters`), to be served in
+one batch; each prefix of a bank saves back out as its own adapter (``save_peft_adapter(..., prefix=name)``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -90,28 +94,59 @@ def load_peft_adapter(model, directory: str | os.PathLike, *, is_trainable: bool
         ValueError: not a prefix-tuning adapter, or one trained for a model of other sizes, or weights that do
             not fit the model's modules.
     """
-    directory = os.fspath(directory)
-    config, tensors = read_peft_adapter(directory)
-    prompt = tensors[PROMPT_KEY]
-    prefix_len = _check_fits(model, config, prompt, directory)
-    heads = []
-    for name in config.get("modules_to_save") or ():
-        if name not in heads and _find_modules(model, (name,)):
-            heads.append(name)
-    handle = apply_prefix_tuning(model, PrefixConfig(num_virtual_tokens=prefix_len, prefix_projection=False,
-                                                     modules_to_save=tuple(heads), backend=backend))
+    return _load(model, {None: directory}, is_trainable=is_trainable, backend=backend)
+
+
+def load_peft_adapters(model, adapters, *, is_trainable: bool = False, backend: str = "auto") -> PrefixHandle:
+    """Prefix-tune ``model`` with several PEFT adapter directories at once, as one prefix bank, to serve (or train)
+    them in one batch: ``handle = load_peft_adapters(model, {"sst2": dir1, "qnli": dir2})``, then
+    ``with handle.use_prefix(["sst2", "qnli", None, ...]):`` (one entry per batch row; None: the base model).
+
+    ``adapters``: a mapping name -> directory (names without '.' or '/'), or a sequence of directories (named by
+    their base names). The adapters may have different ``num_virtual_tokens``; each keeps its own
+    ``modules_to_save`` (a classifier per task, of the model's shape), applied to its rows.
+    """
+    if not isinstance(adapters, Mapping):
+        adapters = {os.path.basename(os.path.normpath(os.fspath(d))): d for d in adapters}
+    if not adapters:
+        raise ValueError("load_peft_adapters needs at least one adapter directory")
+    return _load(model, dict(adapters), is_trainable=is_trainable, backend=backend)
+
+
+def _load(model, adapters: dict, *, is_trainable: bool, backend: str) -> PrefixHandle:
+    """Load ``adapters`` (name -> directory; the name None: a single prefix, not a bank)."""
+    loaded = {}
+    for name, directory in adapters.items():
+        directory = os.fspath(directory)
+        config, tensors = read_peft_adapter(directory)
+        prefix_len = _check_fits(model, config, tensors[PROMPT_KEY], directory)
+        loaded[name] = (directory, config, tensors, prefix_len)
+    heads: list[str] = []
+    for _, config, _, _ in loaded.values():
+        for head in config.get("modules_to_save") or ():
+            if head not in heads and _find_modules(model, (head,)):
+                heads.append(head)
+    configs = {name: PrefixConfig(num_virtual_tokens=prefix_len, prefix_projection=False,
+                                  modules_to_save=tuple(heads), backend=backend)
+               for name, (_, _, _, prefix_len) in loaded.items()}
+    bank = list(configs) != [None]
+    handle = apply_prefix_tuning(model, configs if bank else configs[None])
     try:
-        used = {PROMPT_KEY}
-        with torch.no_grad():
-            handle.prefix_encoder.embedding.weight.copy_(prompt)
-        for qualified, module in handle.modules_to_save.items():
-            start = f"{HEAD_PREFIX}{qualified}."
-            state = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
-            module.load_state_dict(state, strict=True)
-            used.update(start + k for k in state)
-        unused = sorted(set(tensors) - used)
-        if unused:
-            raise ValueError(f"adapter {directory!r} holds weights for no module of {type(model).__name__}: {unused}")
+        for name, (directory, _, tensors, _) in loaded.items():
+            used = {PROMPT_KEY}
+            with torch.no_grad():
+                handle.encoder_of(name).embedding.weight.copy_(tensors[PROMPT_KEY])
+            for qualified, module in handle.modules_to_save_of(name).items():
+                start = f"{HEAD_PREFIX}{qualified}."
+                state = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+                if not state:
+                    continue
+                module.load_state_dict(state, strict=True)
+                used.update(start + k for k in state)
+            unused = sorted(set(tensors) - used)
+            if unused:
+                raise ValueError(f"adapter {directory!r} holds weights for no module of {type(model).__name__}: "
+                                 f"{unused}")
         if not is_trainable:
             for p in handle.trainable_parameters():
                 p.requires_grad_(False)
@@ -134,23 +169,30 @@ def _handle_of(model_or_handle) -> PrefixHandle:
     return handle
 
 
-def save_peft_adapter(model_or_handle, directory: str | os.PathLike) -> None:
+def save_peft_adapter(model_or_handle, directory: str | os.PathLike, *, prefix: str | int | None = None) -> None:
     """Write the prefix (after the projection, as PEFT saves it) and the modules to save of a prefix-tuned model
-    as a PEFT adapter directory, which ``PeftModel.from_pretrained`` and :func:`load_peft_adapter` load."""
+    as a PEFT adapter directory, which ``PeftModel.from_pretrained`` and :func:`load_peft_adapter` load.
+
+    ``prefix``: for a model holding a bank of prefixes, which one (its name or bank position); each prefix saves
+    as its own adapter, with the shared ``modules_to_save`` (``handle.save_peft_adapters(dir)`` writes them all).
+    """
     from safetensors.torch import save_file
 
     handle = _handle_of(model_or_handle)
-    encoder, model = handle.prefix_encoder, handle.model
+    if handle.is_bank and prefix is None and handle.num_prefixes > 1:
+        raise ValueError(f"this model holds {handle.num_prefixes} prefixes {list(handle.prefix_names)}: name the one "
+                         "to save with prefix=, or save them all with handle.save_peft_adapters(directory)")
+    encoder, model = handle.encoder_of(0 if prefix is None and handle.is_bank else prefix), handle.model
     was_training = encoder.training
     encoder.eval()  # no prefix dropout in what is saved
     try:
         with torch.no_grad():
-            prefix = encoder()  # [L, 2, Hkv, P, D]
+            table = encoder()  # [L, 2, Hkv, P, D]
     finally:
         encoder.train(was_training)
-    prefix_len = prefix.shape[3]
-    tensors = {PROMPT_KEY: prefix.permute(3, 0, 1, 2, 4).reshape(prefix_len, -1).contiguous().cpu()}
-    for qualified, module in handle.modules_to_save.items():
+    prefix_len = table.shape[3]
+    tensors = {PROMPT_KEY: table.permute(3, 0, 1, 2, 4).reshape(prefix_len, -1).contiguous().cpu()}
+    for qualified, module in handle.modules_to_save_of(prefix).items():
         for key, value in module.state_dict().items():
             tensors[f"{HEAD_PREFIX}{qualified}.{key}"] = value.detach().contiguous().cpu()
     layers, _, kv_heads, head_dim = _sizes(model)
@@ -162,7 +204,7 @@ def save_peft_adapter(model_or_handle, directory: str | os.PathLike) -> None:
         "num_attention_heads": kv_heads,
         "token_dim": kv_heads * head_dim,
         "num_transformer_submodules": 1,
-        "prefix_projection": handle.config.prefix_projection,
+        "prefix_projection": encoder.prefix_projection,
         "encoder_hidden_size": encoder.encoder_hidden_size,
         "inference_mode": True,
         "modules_to_save": list(handle.modules_to_save) or None,

@@ -55,3 +55,20 @@ def test_bench_e2e_quick_writes_rows_and_plot(tmp_path):
     workloads = {r["workload"] for r in run["rows"]}
     assert {r["workload"] for r in run["rows"] if r["path"] == "prefix_kernels"} == workloads
     assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
+
+
+@pytest.mark.xdist_group("benchmarks")
+def test_bench_bank_quick_writes_rows(tmp_path):
+    pytest.importorskip("transformers")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_bank.py"), "--quick", "--no-plot",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".csv")]
+    with open(tmp_path / name) as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["workload"], r["K"], r["path"]) for r in rows} == {
+        (w, k, p) for w in ("serve-encoder", "decode", "train-step") for k in ("1", "4", "16")
+        for p in ("one batch (bank)", "K separate batches")}
+    assert all(float(r["tokens_per_s"]) > 0 and r["commit"] and r["device"] for r in rows)

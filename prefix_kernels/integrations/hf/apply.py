@@ -3,9 +3,10 @@
 What applying does to a model, each step recorded with its exact undo (``remove()`` runs them in reverse):
 
 1. freezes the model's parameters (optional) and swaps each task head to train (``modules_to_save``) for a
-   trainable copy, so the model's own head stays as it was;
-2. adds the :class:`~prefix_kernels.PrefixEncoder` as the submodule ``prefix_encoder`` (``model.parameters()``,
-   optimizers, ``state_dict`` and ``.to()`` see it);
+   trainable copy, so the model's own head stays as it was (for a prefix bank, a :class:`~.heads.RoutedHead`
+   holding a copy per prefix);
+2. adds the :class:`~prefix_kernels.PrefixEncoder` (or the :class:`~prefix_kernels.PrefixBank` of many) as the
+   submodule ``prefix_encoder`` (``model.parameters()``, optimizers, ``state_dict`` and ``.to()`` see it);
 3. points the model's configs at our attention implementation (registered once with transformers' attention and
    mask interfaces), remembering the previous one;
 4. gives each self-attention module its own prefix slot (and, for a family whose attention is not on the
@@ -22,15 +23,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import types
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ...modules import PrefixEncoder
+from ...modules import PrefixBank, PrefixEncoder
 from . import registration
 from .attention import SLOT_ATTR
 from .config import PrefixConfig
 from .families import Family, family_of, task_of
+from .heads import RoutedHead
 from .positions import ShiftPositions
 from .state import PrefixSlot, PrefixState
 
@@ -71,16 +74,21 @@ class PrefixHandle:
 
     Attributes:
         model: the model.
-        config: the :class:`PrefixConfig`.
+        config: the :class:`PrefixConfig` (for a bank: the first prefix's; the fields that apply to the whole
+            model, such as ``shift_positions``, ``backend`` and ``modules_to_save``, are the same for all).
+        configs: name -> :class:`PrefixConfig` of each prefix.
         family: the :class:`~.families.Family` adapter that served it.
-        prefix_encoder: the :class:`~prefix_kernels.PrefixEncoder` (also ``model.prefix_encoder``).
-        modules_to_save: qualified name -> the trainable copy of each task head swapped into the model.
+        prefix_encoder: the :class:`~prefix_kernels.PrefixEncoder` (also ``model.prefix_encoder``), or for many
+            prefixes the :class:`~prefix_kernels.PrefixBank` holding one per prefix.
+        modules_to_save: qualified name -> the trainable copy of each task head swapped into the model; for a bank,
+            a :class:`~.heads.RoutedHead` holding one copy per prefix (see :meth:`modules_to_save_of`).
     """
 
-    def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder,
-                 modules: list[nn.Module]):
+    def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder | PrefixBank,
+                 modules: list[nn.Module], configs: dict[str, PrefixConfig] | None = None):
         self.model = model
         self.config = config
+        self.configs = configs or {"default": config}
         self.family = family
         self.prefix_encoder = encoder
         self.modules_to_save: dict[str, nn.Module] = {}
@@ -93,7 +101,71 @@ class PrefixHandle:
     # ---------------------------------------------------------------- public
     @property
     def num_virtual_tokens(self) -> int:
-        return self.config.num_virtual_tokens
+        """P; for a bank, the longest prefix's length (Pmax)."""
+        return self.prefix_encoder.num_virtual_tokens
+
+    @property
+    def is_bank(self) -> bool:
+        """Whether the model holds a :class:`~prefix_kernels.PrefixBank` (``num_prefixes=`` or several adapters)."""
+        return self.state.is_bank
+
+    @property
+    def num_prefixes(self) -> int:
+        return self.state.num_prefixes
+
+    @property
+    def prefix_names(self) -> tuple[str, ...]:
+        """The prefixes' names in bank order (``("default",)`` for a single prefix, PEFT's adapter name)."""
+        return self.state.names
+
+    @property
+    def prefix_lengths(self) -> tuple[int, ...]:
+        """Each prefix's number of virtual tokens, in bank order."""
+        return self.state.lengths()
+
+    def encoder_of(self, prefix) -> PrefixEncoder:
+        """The :class:`~prefix_kernels.PrefixEncoder` of one prefix (a name or a bank position)."""
+        if not self.is_bank:
+            if prefix not in (None, 0, "default"):
+                raise ValueError(f"this model holds a single prefix ('default' or 0), not {prefix!r}")
+            return self.prefix_encoder
+        if prefix is None:
+            raise ValueError(f"name the prefix: this model holds {list(self.prefix_names)}")
+        return self.prefix_encoder.encoders[self.prefix_encoder.index_of(prefix)]
+
+    def modules_to_save_of(self, prefix=None) -> dict[str, nn.Module]:
+        """Qualified name -> the head module of one prefix (a name or bank position; for a single prefix, its
+        ``modules_to_save``). A bank keeps a copy of every head per prefix (:class:`~.heads.RoutedHead`)."""
+        if not self.is_bank:
+            self.encoder_of(prefix)  # checks the name
+            return dict(self.modules_to_save)
+        i = self.prefix_encoder.index_of(0 if prefix is None and self.num_prefixes == 1 else prefix)
+        return {name: routed.heads[i] for name, routed in self.modules_to_save.items()}
+
+    def set_prefix_index(self, selection) -> None:
+        """Choose each batch row's prefix for the following forwards (``generate()`` included), until changed or
+        cleared with None.
+
+        ``selection``: one entry per batch row: a ``[B]`` int tensor or a list of ints (bank positions, -1 for no
+        prefix), prefix names, or None entries (no prefix: that row computes exactly what the base model
+        computes). Where ``generate()`` repeats rows (``num_beams``, ``num_return_sequences``), the selection is
+        repeated the same way. Without a selection a bank of several prefixes refuses to run; a single prefix
+        serves every row.
+        """
+        self._require_active()
+        self.state.select(selection)
+
+    @contextlib.contextmanager
+    def use_prefix(self, selection):
+        """``with handle.use_prefix(["sst2", "qnli", None]):`` the selection of :meth:`set_prefix_index` inside the
+        block, the previous one restored after."""
+        self._require_active()
+        previous = self.state.selection
+        self.state.select(selection)
+        try:
+            yield self.model
+        finally:
+            self.state.select(previous)
 
     @property
     def active(self) -> bool:
@@ -101,7 +173,8 @@ class PrefixHandle:
         return getattr(self.model, HANDLE_ATTR, None) is self
 
     def prefix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Every layer's prefix ``[num_layers, 2, num_kv_heads, P, head_dim]`` (keys at ``[:, 0]``)."""
+        """Every layer's prefix ``[num_layers, 2, num_kv_heads, P, head_dim]`` (keys at ``[:, 0]``); for a bank
+        ``[num_layers, 2, N, num_kv_heads, Pmax, head_dim]``."""
         return self.prefix_encoder(dtype=dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -112,7 +185,8 @@ class PrefixHandle:
     @contextlib.contextmanager
     def disabled(self):
         """Run the model without the prefix: its previous attention implementation, masks and positions, as before
-        applying (the trainable copies of ``modules_to_save`` stay in place)."""
+        applying (the trainable copies of ``modules_to_save`` stay in place; a bank's per-prefix heads give way
+        to the model's own)."""
         self._require_active()
         self.state.enabled = False
         for config, previous in self._configs:
@@ -130,16 +204,28 @@ class PrefixHandle:
         while self._undo:
             self._undo.pop()()
 
-    def save_peft_adapter(self, directory) -> None:
-        """Write a PEFT prefix-tuning adapter directory (see :func:`prefix_kernels.save_peft_adapter`)."""
+    def save_peft_adapter(self, directory, prefix=None) -> None:
+        """Write a PEFT prefix-tuning adapter directory (see :func:`prefix_kernels.save_peft_adapter`); for a bank,
+        of the one ``prefix`` (a name or position)."""
         from ..peft import save_peft_adapter
 
-        save_peft_adapter(self, directory)
+        save_peft_adapter(self, directory, prefix=prefix)
+
+    def save_peft_adapters(self, directory) -> dict[str, str]:
+        """Write every prefix as its own PEFT adapter, in ``directory/<name>``; returns name -> directory."""
+        import os
+
+        written = {}
+        for i, name in enumerate(self.prefix_names):
+            written[name] = os.path.join(os.fspath(directory), name)
+            self.save_peft_adapter(written[name], prefix=i)
+        return written
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
+        bank = f", prefixes={dict(zip(self.prefix_names, self.prefix_lengths, strict=True))}" if self.is_bank else ""
         return (f"PrefixHandle({type(self.model).__name__}, family={self.family.name}, "
-                f"num_virtual_tokens={self.num_virtual_tokens}, {state})")
+                f"num_virtual_tokens={self.num_virtual_tokens}{bank}, {state})")
 
     # ---------------------------------------------------------------- install
     def _require_active(self):
@@ -180,8 +266,12 @@ class PrefixHandle:
         for qualified, module in found.items():
             parent_name, _, attr = qualified.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            trainable = copy.deepcopy(module)
-            trainable.requires_grad_(True)
+            if self.state.is_bank:  # a head per prefix, routed per row
+                copies = [copy.deepcopy(module).requires_grad_(True) for _ in range(self.num_prefixes)]
+                trainable = RoutedHead(module, copies, self.state)
+            else:
+                trainable = copy.deepcopy(module)
+                trainable.requires_grad_(True)
             parent._modules[attr] = trainable
             self.modules_to_save[qualified] = trainable
             self._undo.append(lambda parent=parent, attr=attr, module=module: parent._modules.__setitem__(attr, module))
@@ -234,14 +324,15 @@ class PrefixHandle:
             target = model.base_model.get_submodule(spec.path)
             first = spec.first_position(model.config)
             table = getattr(target, "num_embeddings", None)
-            if table is not None and first + config.num_virtual_tokens >= table:
-                raise ValueError(f"num_virtual_tokens={config.num_virtual_tokens} leaves no room in "
+            longest = self.num_virtual_tokens
+            if table is not None and first + longest >= table:
+                raise ValueError(f"num_virtual_tokens={longest} leaves no room in "
                                  f"{type(model).__name__}'s {table} learned positions (shifted positions start at "
-                                 f"{first + config.num_virtual_tokens}); use fewer or shift_positions=False")
+                                 f"{first + longest}); use fewer or shift_positions=False")
             hook = target.register_forward_pre_hook(
-                ShiftPositions(spec, config.num_virtual_tokens, first, self.state), with_kwargs=True)
+                ShiftPositions(spec, first, self.state), with_kwargs=True)
             self._undo.append(hook.remove)
-        self._undo.append(model.base_model.register_forward_pre_hook(self.state.begin_forward).remove)
+        self._undo.append(model.base_model.register_forward_pre_hook(self.state.begin_forward, with_kwargs=True).remove)
         self._undo.append(model.base_model.register_forward_hook(self._check_reached).remove)
         self._set_attr(model, "create_masks_for_generate", _masks_from_forward)
 
@@ -253,7 +344,48 @@ class PrefixHandle:
                 "attention implementation changed after apply_prefix_tuning?)")
 
 
-def apply_prefix_tuning(model: nn.Module, config: PrefixConfig) -> PrefixHandle:
+_MODEL_WIDE = ("shift_positions", "modules_to_save", "freeze_base_model", "backend")
+
+
+def _bank_configs(config, num_prefixes) -> dict[str, PrefixConfig] | None:
+    """name -> config of each prefix of a bank, or None for a single prefix."""
+    if isinstance(config, PrefixConfig):
+        if num_prefixes is None:
+            return None
+        if isinstance(num_prefixes, bool) or not isinstance(num_prefixes, int) or num_prefixes < 1:
+            raise ValueError(f"num_prefixes must be a positive int, got {num_prefixes!r}")
+        return {str(i): config for i in range(num_prefixes)}
+    if isinstance(config, Mapping):
+        if num_prefixes is not None and num_prefixes != len(config):
+            raise ValueError(f"num_prefixes={num_prefixes} but {len(config)} configs were given")
+        if not config:
+            raise ValueError("a prefix bank needs at least one prefix config")
+        for name, c in config.items():
+            if not isinstance(name, str) or not name or "." in name or "/" in name:
+                raise ValueError(f"prefix names must be non-empty strings without '.' or '/', got {name!r}")
+            if not isinstance(c, PrefixConfig):
+                raise TypeError(f"config of prefix {name!r} must be a PrefixConfig, got {type(c).__name__}")
+        first = next(iter(config.values()))
+        for name, c in config.items():
+            for field in _MODEL_WIDE:
+                if getattr(c, field) != getattr(first, field):
+                    raise ValueError(f"prefix {name!r} has {field}={getattr(c, field)!r} but the first has "
+                                     f"{getattr(first, field)!r}: it applies to the whole model, so the prefixes of "
+                                     "one bank must agree on it")
+        return dict(config)
+    raise TypeError(f"config must be a PrefixConfig or a mapping name -> PrefixConfig, got {type(config).__name__}")
+
+
+def _encoder(config: PrefixConfig, sizes, device) -> PrefixEncoder:
+    num_layers, _, kv_heads, head_dim = sizes
+    return PrefixEncoder(config.num_virtual_tokens, num_layers, kv_heads, head_dim,
+                         prefix_projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
+                         prefix_dropout=config.prefix_dropout, backend=config.backend, device=device,
+                         dtype=config.encoder_dtype or torch.float32)
+
+
+def apply_prefix_tuning(model: nn.Module, config: PrefixConfig | Mapping[str, PrefixConfig], *,
+                        num_prefixes: int | None = None) -> PrefixHandle:
     """Prefix-tune a Hugging Face model in place: a learned prefix of ``config.num_virtual_tokens`` keys and values
     per layer, attended to by every token through :func:`prefix_kernels.prefix_attention`.
 
@@ -262,9 +394,19 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig) -> PrefixHandle:
     computed once per forward and shared by the batch; it never enters the KV cache, so ``generate()`` with any
     cache and gradient checkpointing work unchanged.
 
+    Many prefixes in one batch: ``num_prefixes=N`` builds a :class:`~prefix_kernels.PrefixBank` of N prefixes
+    of ``config`` (named "0".."N-1"), and a mapping ``{name: PrefixConfig}`` one of named prefixes, which may
+    differ in length, projection and dropout (the model-wide fields ``shift_positions``, ``modules_to_save``,
+    ``freeze_base_model`` and ``backend`` must agree). Each batch row then uses the prefix chosen by
+    ``handle.use_prefix(...)`` / ``handle.set_prefix_index(...)`` (or none), and computes exactly what the
+    single-prefix model of that prefix computes for it: positions shift by that row's prefix length, and a
+    prefix's gradient is the sum over its rows. Each prefix gets its own trainable copy of every head in
+    ``modules_to_save``, applied to its rows (rows without a prefix go through the model's own head).
+
     Args:
         model: a ``PreTrainedModel`` of a supported family (see :func:`supported_model_types`), any head.
-        config: a :class:`PrefixConfig`.
+        config: a :class:`PrefixConfig`, or a mapping name -> PrefixConfig for a bank.
+        num_prefixes: with one PrefixConfig, the number of prefixes of a bank (default: a single prefix).
 
     Returns:
         A :class:`PrefixHandle`; ``handle.remove()`` restores the model exactly.
@@ -274,26 +416,27 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig) -> PrefixHandle:
         UnsupportedModelError: no adapter for the model's family (the message names the class and what is missing).
         ValueError: the model is already prefix-tuned, or the config does not fit the model.
     """
-    if not isinstance(config, PrefixConfig):
-        raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
+    configs = _bank_configs(config, num_prefixes)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     family = family_of(model)
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} is already prefix-tuned: call remove() on its handle first")
-    num_layers, _, kv_heads, head_dim = _sizes(model)
+    sizes = _sizes(model)
+    num_layers, _, kv_heads, head_dim = sizes
     modules = family.attention_modules(model, num_layers)
     for i, module in enumerate(modules):
         own = getattr(module, "head_dim", head_dim)
         if own != head_dim:
             raise ValueError(f"layer {i}'s attention has head_dim {own}, the config says {head_dim}")
     param = next(model.parameters(), None)
-    encoder = PrefixEncoder(config.num_virtual_tokens, num_layers, kv_heads, head_dim,
-                            prefix_projection=config.prefix_projection, encoder_hidden_size=config.encoder_hidden_size,
-                            prefix_dropout=config.prefix_dropout, backend=config.backend,
-                            device=None if param is None else param.device,
-                            dtype=config.encoder_dtype or torch.float32)
-    handle = PrefixHandle(model, config, family, encoder, modules)
+    device = None if param is None else param.device
+    if configs is None:
+        encoder = _encoder(config, sizes, device)
+    else:
+        encoder = PrefixBank({name: _encoder(c, sizes, device) for name, c in configs.items()})
+        config = next(iter(configs.values()))
+    handle = PrefixHandle(model, config, family, encoder, modules, configs)
     try:
         handle._install(modules)
     except BaseException:

@@ -43,27 +43,52 @@ def _delegate(module, previous: str, query, key, value, attention_mask, **kwargs
 
 
 def dense_prefix_attention(query, key, value, prefix_k, prefix_v, mask: torch.Tensor, *, scale: float,
-                           dropout_p: float, softcap: float | None) -> torch.Tensor:
+                           dropout_p: float, softcap: float | None, prefix_index: torch.Tensor | None = None,
+                           prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Explicit attention over ``[prefix ; input]`` with an arbitrary 4D mask over the input keys (bool, True =
     attend, or additive float), for patterns the kernels do not take. Copies the prefix per batch row and
     materialises the scores, as PEFT's path does; the prefix columns are visible to every query.
 
-    query ``[B, Hq, Lq, D]``; key, value ``[B, Hkv, Lk, D]``; prefix ``[Hkv, P, D]``; mask ``[B or 1, 1 or Hq, Lq,
-    Lk]``. Returns ``[B, Hq, Lq, D]``.
+    query ``[B, Hq, Lq, D]``; key, value ``[B, Hkv, Lk, D]``; prefix ``[Hkv, P, D]``, or a bank ``[N, Hkv, P, D]``
+    with ``prefix_index`` ``[B]`` (-1: no prefix for that row) and optional ``prefix_lengths`` ``[N]`` (columns
+    past a prefix's length are masked); mask ``[B or 1, 1 or Hq, Lq, Lk]``. Returns ``[B, Hq, Lq, D]``.
     """
     B, Hq, Lq, _ = query.shape
-    Hkv, P = key.shape[1], prefix_k.shape[1]
-    keys = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1), key], dim=2).repeat_interleave(Hq // Hkv, 1)
-    values = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1), value], dim=2).repeat_interleave(Hq // Hkv, 1)
+    Hkv, P = key.shape[1], prefix_k.shape[-2]
+    visible = None  # [B, P] prefix columns each row sees, with a selection
+    if prefix_index is not None:
+        rows = prefix_index.long()
+        safe = rows.clamp(min=0)
+        if prefix_k.dim() == 3:
+            prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+        pk, pv = prefix_k[safe], prefix_v[safe]
+        length = torch.full_like(rows, P) if prefix_lengths is None else prefix_lengths.long()[safe]
+        length = torch.where(rows >= 0, length, torch.zeros_like(length))
+        visible = torch.arange(P, device=rows.device).unsqueeze(0) < length.unsqueeze(1)
+    else:
+        pk, pv = prefix_k.unsqueeze(0).expand(B, -1, -1, -1), prefix_v.unsqueeze(0).expand(B, -1, -1, -1)
+    keys = torch.cat([pk, key], dim=2).repeat_interleave(Hq // Hkv, 1)
+    values = torch.cat([pv, value], dim=2).repeat_interleave(Hq // Hkv, 1)
     scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     mask = mask[..., :key.shape[2]]
+    if mask.dtype != torch.bool:
+        mask = mask.float()
+    lead = mask.shape[:-1] if visible is None else torch.broadcast_shapes(mask.shape[:-1], (B, 1, 1))
+    mask = mask.expand(*lead, mask.shape[-1])
     if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1), float("-inf"))
+        prefix_cols = mask.new_ones(*lead, P)
+        if visible is not None:
+            prefix_cols = prefix_cols & visible.view(B, 1, 1, P)
+        scores = scores.masked_fill(~torch.cat([prefix_cols, mask], dim=-1), float("-inf"))
     else:
-        scores = scores + torch.cat([mask.new_zeros(*mask.shape[:-1], P), mask], dim=-1).float()
+        prefix_cols = mask.new_zeros(*lead, P)
+        if visible is not None:
+            prefix_cols = prefix_cols.masked_fill(~visible.view(B, 1, 1, P), float("-inf"))
+        scores = scores + torch.cat([prefix_cols, mask], dim=-1)
     probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # a row that sees nothing
     if dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs.to(values.dtype), values)
@@ -93,7 +118,7 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
     dtype = compute_dtype(query, key, value)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    prefix_k, prefix_v = slot.fetch(dtype)
+    prefix_k, prefix_v, prefix_index, prefix_lengths = slot.fetch(dtype, query.shape[0])
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     dense = attention_mask if isinstance(attention_mask, torch.Tensor) else None
@@ -101,7 +126,8 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         dense = attention_mask.dense
     if dense is not None:  # a 4D mask given by the caller, or a pattern the kernels do not take
         out = dense_prefix_attention(query, key, value, prefix_k, prefix_v, dense, scale=float(scaling),
-                                     dropout_p=dropout, softcap=softcap)
+                                     dropout_p=dropout, softcap=softcap, prefix_index=prefix_index,
+                                     prefix_lengths=prefix_lengths)
         return out.transpose(1, 2), None
     if isinstance(attention_mask, PrefixMask):
         key_padding_mask, causal = attention_mask.key_padding_mask, attention_mask.causal
@@ -113,5 +139,6 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
                            softmax_scale=float(scaling), dropout_p=float(dropout),
-                           sliding_window=window if causal else None, softcap=softcap, backend=slot.state.backend)
+                           sliding_window=window if causal else None, softcap=softcap, prefix_index=prefix_index,
+                           prefix_lengths=prefix_lengths, backend=slot.state.backend)
     return out.transpose(1, 2), None

@@ -42,20 +42,21 @@ def bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask
             key, value = key[:, :, :attention_mask.kv_end], value[:, :, :attention_mask.kv_end]
     elif attention_mask is not None:
         raise ValueError("prefix tuning of Bloom takes a 2D attention_mask (padding), not a 4D or custom mask")
-    prefix_len = slot.state.num_virtual_tokens
+    # the op puts input key j at P_b + j + offset, P_b the row's prefix length (P; 0 for a row without a prefix)
     offsets = None
     if key_padding_mask is not None:
         offsets = -_leading_pads(key_padding_mask)
     if not slot.state.shift_positions:
         offsets = (torch.zeros(batch, dtype=torch.int64, device=query.device) if offsets is None else offsets) \
-            - prefix_len
+            - slot.state.position_offsets()
     slopes = slot.alibi_slopes(self.num_heads, query.device)
     dtype = compute_dtype(query, key, value)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    prefix_k, prefix_v = slot.fetch(dtype)
+    prefix_k, prefix_v, prefix_index, prefix_lengths = slot.fetch(dtype, batch)
     dropout = self.attention_dropout.p if self.training else 0.0
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=True, key_padding_mask=key_padding_mask,
                            softmax_scale=float(self.inv_norm_factor), alibi_slopes=slopes, alibi_offsets=offsets,
-                           dropout_p=dropout, backend=slot.state.backend)
+                           dropout_p=dropout, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
+                           backend=slot.state.backend)
     out = self.dense(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
     return residual + F.dropout(out, p=self.hidden_dropout, training=self.training), None

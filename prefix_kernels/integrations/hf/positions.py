@@ -30,18 +30,23 @@ class PositionSpec:
 
 
 class ShiftPositions:
-    """Forward pre-hook adding ``offset`` to the position ids at or above ``first`` (while ``state.enabled``)."""
+    """Forward pre-hook adding the state's offset to the position ids at or above ``first`` (while
+    ``state.enabled``): P, or with a per-row prefix selection each row's own prefix length (0 for a row without
+    a prefix), so that every row gets the positions of the single-prefix model of its prefix. Position ids
+    shared by the batch (``[1, L]``) then become ``[B, L]``."""
 
-    def __init__(self, spec: PositionSpec, offset: int, first: int, state):
+    def __init__(self, spec: PositionSpec, first: int, state):
         self.spec = spec
-        self.offset = offset
         self.first = first
         self.state = state
 
     def _shift(self, positions):
         if not isinstance(positions, torch.Tensor):
             return positions
-        return torch.where(positions >= self.first, positions + self.offset, positions)
+        offset = self.state.position_offsets()
+        if isinstance(offset, torch.Tensor):
+            offset = offset.view(-1, *([1] * (positions.dim() - 1))).to(positions.dtype)
+        return torch.where(positions >= self.first, positions + offset, positions)
 
     def __call__(self, module, args, kwargs):
         if not self.state.enabled:
