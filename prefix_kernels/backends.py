@@ -170,9 +170,17 @@ def _import_torch_impl():
 
 _REGISTRY: dict[str, Backend] = {}
 
+# Decisions already taken, keyed by everything they depend on: the request, the spec's values, the two
+# environment variables read and the registered backends. A decode loop calls prefix_attention once per
+# layer per token with the same sizes; walking the backends' checks every time cost more than the attention
+# of a small decode step. Each entry keeps the fallback warning it raised, re-issued (once) on a hit.
+_decisions: dict[tuple, tuple[str, str | None]] = {}
+_MAX_DECISIONS = 4096
+
 
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    _decisions.clear()
 
 
 register(
@@ -230,13 +238,17 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(AttentionSpec))
+_DEVICE_FIELD = _SPEC_FIELDS.index("device")
+
+
 def select(spec: AttentionSpec, requested: str = "auto") -> Backend:
     """Pick the backend for ``spec``; see the module docstring for the rules."""
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, got {type(requested).__name__}")
-    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    values["device"] = str(spec.device)
-    return _REGISTRY[_select_name(requested, *values.values())]
+    values = [getattr(spec, name) for name in _SPEC_FIELDS]
+    values[_DEVICE_FIELD] = str(spec.device)
+    return _REGISTRY[_select_name(requested, *values)]
 
 
 def _assume_constant_result(fn):
@@ -247,12 +259,29 @@ def _assume_constant_result(fn):
     return fn
 
 
+
+
 @_assume_constant_result
 def _select_name(requested: str, *fields) -> str:
     # The choice depends only on sizes, dtype, device and the environment, all fixed for a traced
     # graph, so torch.compile evaluates it once at trace time instead of tracing through it. The spec
     # travels as plain values (the device as a string), which the compiler can hand over as constants.
-    values = dict(zip((f.name for f in dataclasses.fields(AttentionSpec)), fields, strict=True))
+    key = (requested, fields, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), tuple(names()))
+    hit = _decisions.get(key)
+    if hit is None:
+        if len(_decisions) >= _MAX_DECISIONS:
+            _decisions.clear()
+        hit = _decisions[key] = _decide(requested, fields)
+    name, warning = hit
+    if warning is not None:
+        _warn_once(warning)
+    return name
+
+
+def _decide(requested: str, fields: tuple) -> tuple[str, str | None]:
+    """(the backend's name, the fallback warning to raise or None); raises when an explicit backend
+    cannot serve."""
+    values = dict(zip(_SPEC_FIELDS, fields, strict=True))
     values["device"] = torch.device(values["device"])
     spec = AttentionSpec(**values)
     source = "backend argument"
@@ -268,7 +297,7 @@ def _select_name(requested: str, *fields) -> str:
                 f"backend {requested!r} (from the {source}) cannot serve this input:\n  - "
                 + "\n  - ".join(reasons)
             )
-        return backend.name
+        return backend.name, None
 
     skipped = []
     for name in names():
@@ -276,12 +305,11 @@ def _select_name(requested: str, *fields) -> str:
         if not backend.device_reasons(spec.device):
             reasons = backend.input_reasons(spec)
             if not reasons:
+                warning = None
                 if skipped:
-                    _warn_once(
-                        f"prefix_attention: using the {name!r} backend; skipped "
-                        + "; ".join(f"{n!r} because {', '.join(r)}" for n, r in skipped)
-                    )
-                return name
+                    warning = (f"prefix_attention: using the {name!r} backend; skipped "
+                               + "; ".join(f"{n!r} because {', '.join(r)}" for n, r in skipped))
+                return name, warning
             skipped.append((name, reasons))
     raise BackendUnavailableError("no backend can serve this input: " + str(skipped))  # torch serves all
 

@@ -30,10 +30,15 @@ def visibility_mask(
     ``prefix_visible [B, P]`` bool, when given, masks prefix columns per row (rows without a prefix of a
     bank, or columns past a shorter prefix's length).
     """
+    if causal and len_q == 1 and (sliding_window is None or sliding_window >= len_k):
+        causal = False  # a single query, aligned bottom-right, sees every input key (a decode step)
     if not causal and key_padding_mask is None and prefix_visible is None:
         return None
     rows = len_q if causal else 1
-    inp = torch.ones(1, 1, rows, len_k, dtype=torch.bool, device=device)
+    if key_padding_mask is not None and not causal:
+        inp = key_padding_mask.view(-1, 1, 1, len_k)
+    else:
+        inp = torch.ones(1, 1, rows, len_k, dtype=torch.bool, device=device)
     if causal:
         i = torch.arange(len_q, device=device).view(len_q, 1)
         j = torch.arange(len_k, device=device).view(1, len_k)
@@ -42,7 +47,7 @@ def visibility_mask(
         if sliding_window is not None:
             inp = inp & (j > diag - sliding_window)
         inp = inp.view(1, 1, len_q, len_k)
-    if key_padding_mask is not None:
+    if key_padding_mask is not None and causal:
         inp = inp & key_padding_mask.view(-1, 1, 1, len_k)
     if prefix_visible is not None:
         batch = prefix_visible.shape[0]

@@ -122,8 +122,11 @@ def _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, f
 
 
 def _into(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Return ``result`` in ``like``'s dtype and memory layout (what the fake implementation promises)."""
+    """Return ``result`` in ``like``'s dtype and memory layout (what the fake implementation promises):
+    ``result`` itself when it already is (a fresh tensor, never an input), else a copy."""
     out = torch.empty_like(like)
+    if result.dtype == out.dtype and result.stride() == out.stride() and result.shape == out.shape:
+        return result
     out.copy_(result)
     return out
 
@@ -132,12 +135,15 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     """out [B, Hq, Lq, D] (laid out like q), lse [B, Hq, Lq] fp32 (or [B, Hq, 0] if not need_lse)."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if _use_cpu_flash(q, features):
+    # With a prefix every row sees (no bank selection, no lengths), no row can be left without a key.
+    keys_always_visible = prefix_k is not None and prefix_k.shape[-2] > 0 and features.prefix_index is None \
+        and features.prefix_lengths is None
+    if need_lse and _use_cpu_flash(q, features):
         k_all, v_all, additive, visible = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
                                                               features)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_all, v_all, attn_mask=additive,
                                                                              scale=scale)
-        if visible is not None:
+        if visible is not None and not keys_always_visible:
             # The kernel reports 0 for a row that sees no key; the contract says -inf.
             lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
         return _into(out, q), lse.contiguous() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
@@ -150,7 +156,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
         return _into(out, q), lse
     mask = keys.mask(Lq, Lk, causal, key_padding_mask)
     out = F.scaled_dot_product_attention(q, keys.k, keys.v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
-    if mask is not None:
+    if mask is not None and not keys_always_visible:
         # Rows that see no key at all are defined as zeros; not every SDPA kernel agrees on them.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return _into(out, q), q.new_empty((B, Hq, 0), dtype=torch.float32)

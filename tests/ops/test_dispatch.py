@@ -1,0 +1,151 @@
+"""The per-call path of prefix_attention: the eager inference shortcut past the custom op, the cached
+backend decision, and the visibility rule the torch backend and the reference share."""
+
+import warnings
+
+import pytest
+import torch
+
+from prefix_kernels import backends, prefix_attention
+from prefix_kernels.ops.attention import function
+from prefix_kernels.ops.attention.reference import visibility_mask
+from prefix_kernels.testing import make_inputs
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls that go through the custom op."""
+    calls = []
+    real = function.attention_fwd
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(function, "attention_fwd", counting)
+    return calls
+
+
+def _args(**kw):
+    inputs = make_inputs(len_q=kw.pop("len_q", 1), len_k=9, prefix_len=4, head_dim=16, heads_q=4, heads_kv=2,
+                         padding="left", dtype=torch.float32)
+    return (inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"]), \
+        dict(causal=True, key_padding_mask=inputs["key_padding_mask"])
+
+
+def test_eager_inference_skips_the_custom_op_and_matches_it(op_calls):
+    args, kw = _args()
+    with torch.no_grad():
+        fast = prefix_attention(*args, **kw, return_lse=True, backend="torch")
+    assert op_calls == []
+    through_op = function.attention_fwd(*args, kw["key_padding_mask"], None, None, None, None, None, True,
+                                        16**-0.5, 0.0, None, None, "torch", True)
+    torch.testing.assert_close(fast, through_op, rtol=0, atol=0)
+
+
+def test_calls_that_need_autograd_or_a_tracer_go_through_the_custom_op(op_calls):
+    args, kw = _args(len_q=3)
+    args[0].requires_grad_()
+    prefix_attention(*args, **kw, backend="torch").sum().backward()
+    assert len(op_calls) == 1
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    plain = [a.detach() for a in args]
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(a) for a in plain]
+    with mode, torch.no_grad():
+        out = prefix_attention(*fake, causal=True, backend="torch")
+    assert len(op_calls) == 2 and out.shape == args[0].shape
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(q, k, v, pk, pv):
+        return prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
+
+    with torch.no_grad():
+        graph = make_fx(f)(*(a.detach() for a in args))
+    assert "prefix_kernels.attention_fwd" in graph.code
+
+
+def test_compile_fullgraph_in_inference():
+    torch._dynamo.reset()
+    args, kw = _args()
+
+    def f(q, k, v, pk, pv, mask):
+        return prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=mask, backend="torch")
+
+    with torch.no_grad():
+        expected = f(*args, kw["key_padding_mask"])
+        got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args, kw["key_padding_mask"])
+    torch.testing.assert_close(got, expected)
+
+
+def test_backend_decision_is_cached_and_follows_the_environment(monkeypatch):
+    args, _ = _args()
+    backends._decisions.clear()
+    assert backends.select(_spec(args), "auto").name == backends.select(_spec(args), "auto").name
+    assert len(backends._decisions) == 1
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.select(_spec(args), "auto").name == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        backends.select(_spec(args), "auto")
+
+
+def test_cached_fallback_warns_again_after_the_warning_set_is_cleared():
+    # A backend ahead of torch that refuses this input: auto skips it with a warning, every time the
+    # warning set is fresh, whether or not the decision came from the cache.
+    backends.register(backends.Backend(name="picky", description="test", device_reasons=lambda d: [],
+                                       input_reasons=lambda s: ["it refuses everything"], lse_for_backward=True,
+                                       _impl=lambda: None))
+    order = backends.PREFERENCE
+    try:
+        backends.PREFERENCE = ("picky", "torch")
+        args, _ = _args()
+        for _ in range(2):
+            backends._warned.clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert backends.select(_spec(args), "auto").name == "torch"
+            assert any("'picky' because it refuses everything" in str(w.message) for w in caught)
+    finally:
+        backends.PREFERENCE = order
+        backends._REGISTRY.pop("picky")
+        backends._decisions.clear()
+
+
+def _spec(args):
+    from prefix_kernels.ops.attention import check_inputs
+
+    return check_inputs(*args, causal=True)
+
+
+def _brute_force(len_q, len_k, P, causal, kpm, window):
+    B = 1 if kpm is None else kpm.shape[0]
+    m = torch.zeros(B, 1, len_q, P + len_k, dtype=torch.bool)
+    for b in range(B):
+        for i in range(len_q):
+            m[b, 0, i, :P] = True
+            for j in range(len_k):
+                ok = kpm is None or bool(kpm[b, j])
+                if causal:
+                    diag = i + len_k - len_q
+                    ok = ok and j <= diag and (window is None or j > diag - window)
+                m[b, 0, i, P + j] = ok
+    return m
+
+
+@pytest.mark.parametrize("len_q,len_k,causal,window", [
+    (1, 6, True, None), (1, 6, True, 6), (1, 6, True, 3), (1, 6, False, None), (3, 6, True, None),
+    (3, 6, True, 2), (5, 6, False, None), (7, 4, True, None)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_visibility_mask_follows_the_contract(len_q, len_k, causal, window, padded):
+    kpm = torch.tensor([[True] * len_k, [False] * 2 + [True] * (len_k - 2)]) if padded else None
+    got = visibility_mask(len_q, len_k, 2, causal=causal, key_padding_mask=kpm, device=torch.device("cpu"),
+                          sliding_window=window)
+    want = _brute_force(len_q, len_k, 2, causal, kpm, window)
+    if got is None:
+        assert bool(want.all())
+    else:
+        assert torch.equal(got.expand(want.shape[0], 1, len_q, -1), want)
