@@ -149,3 +149,47 @@ def test_visibility_mask_follows_the_contract(len_q, len_k, causal, window, padd
         assert bool(want.all())
     else:
         assert torch.equal(got.expand(want.shape[0], 1, len_q, -1), want)
+
+
+def _inference_cases():
+    from .test_attention_features import FEATURE_CASES
+
+    cases = {name: case for name, case in FEATURE_CASES.items() if name != "dropout" and name != "everything"}
+    cases["plain-decode-padded"] = (dict(len_q=1, len_k=23, prefix_len=5, head_dim=32, padding="left"), True,
+                                    lambda inp: {})
+    cases["plain-no-prefix-all-padded"] = (dict(len_q=3, len_k=6, prefix_len=0, head_dim=16, padding="random"),
+                                           False, lambda inp: {"key_padding_mask": torch.zeros_like(
+                                               inp["key_padding_mask"])})
+    cases["bank-alibi-window"] = (dict(batch=3, heads_q=4, heads_kv=2, len_q=5, len_k=17, prefix_len=6, head_dim=32,
+                                       padding="left"), True,
+                                  lambda inp: dict(alibi_slopes=torch.linspace(0.05, 0.5, 4), sliding_window=7,
+                                                   prefix_index=torch.tensor([1, -1, 0]),
+                                                   prefix_lengths=torch.tensor([6, 3])))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", sorted(_inference_cases()))
+def test_inference_path_of_the_torch_backend(name, dtype):
+    """Output-only calls (no gradient, no LSE) take the torch backend's inference path (one SDPA call, with
+    ALiBi as a bias in fp32): the output against the reference under the tolerance rule."""
+    from prefix_kernels.ops.attention.reference import prefix_attention_ref
+    from prefix_kernels.testing import compare
+
+    kwargs, causal, build = _inference_cases()[name]
+    inputs = make_inputs(**kwargs, dtype=dtype)
+    features = build(inputs)
+    mask = features.pop("key_padding_mask", inputs["key_padding_mask"])
+    args = [inputs[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    if "prefix_index" in features:  # a bank of two prefixes
+        args[3] = torch.stack([args[3], args[3].flip(1)])
+        args[4] = torch.stack([args[4], args[4].flip(1)])
+    kw = dict(causal=causal, key_padding_mask=mask, **features)
+    with torch.no_grad():
+        out = prefix_attention(*args, **kw, backend="torch")
+        truth, _ = prefix_attention_ref(*(a if a is None else a.to(torch.float64) for a in args), **kw)
+        base, _ = prefix_attention_ref(*args, upcast=False, **kw)
+    P = 0 if args[3] is None else args[3].shape[-2]
+    result = compare("out", out, truth, base, 2.0, P + args[1].shape[2])
+    assert result.ok, str(result)
+    assert out.stride() == args[0].stride()

@@ -1,14 +1,18 @@
 """The torch backend: prefix attention from stock PyTorch ops, for CPUs and as the universal fallback.
 
-On the CPU, without optional features: PyTorch's fused CPU flash-attention kernels over
-``[prefix ; input]`` (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward, which
-SDPA itself uses), with the prefix broadcast into one concatenated K/V and the mask built once at its
-broadcastable size. They return the LSE for free, and their backward is the one SDPA's autograd runs.
+Three paths, by what the call needs:
 
-Elsewhere (CUDA tensors, ALiBi, dropout, sliding window, softcap, or a gradient flowing into the LSE):
-an explicit fp32 softmax forward and backward, with the query heads of a group folded into one matmul
-so that K/V are never repeated; the prefix gradient is reduced over the batch by a sum. A CUDA forward
-that needs no LSE uses one ``scaled_dot_product_attention`` call instead.
+- Forward with an LSE (training: the backward uses it), on the CPU, without optional features: PyTorch's
+  fused CPU flash-attention kernels over ``[prefix ; input]`` (``aten::_scaled_dot_product_flash_attention_for_cpu``
+  and its backward, which SDPA itself uses), with the prefix broadcast into one concatenated K/V (repeated to
+  the query heads: these kernels take no GQA) and the mask built once at its broadcastable size.
+- Output only (inference) without dropout or softcap, on any device: one ``scaled_dot_product_attention``
+  call over ``[prefix ; input]`` with GQA, a bool mask for padding, causality and the window (none at all
+  for an unpadded decode step), and ALiBi as an additive bias in fp32 / fp64.
+- Everything else (ALiBi, dropout, sliding window or softcap in training, a gradient flowing into the LSE,
+  CUDA tensors that need an LSE): an explicit fp32 softmax forward and backward, with the query heads of a
+  group folded into one matmul so that K/V are never repeated; the prefix gradient is reduced over the
+  batch by a sum.
 
 The dropout mask is drawn from a torch.Generator seeded with the call's seed, so the backward
 regenerates the forward's mask (it differs from the Triton backend's Philox stream).
@@ -100,6 +104,15 @@ def _is_plain(features: Features) -> bool:
             and features.softcap is None)
 
 
+def _sdpa_serves(q: torch.Tensor, features: Features) -> bool:
+    """Whether one ``scaled_dot_product_attention`` call computes an output-only forward: plain calls, a
+    sliding window (a bool mask), and ALiBi in fp32 / fp64 (an additive bias; in half precision the bias
+    of far keys would round to steps of a whole logit, so the explicit fp32 path keeps those)."""
+    if features.dropout_p > 0 or features.softcap is not None:
+        return False
+    return features.alibi_slopes is None or q.dtype in (torch.float32, torch.float64)
+
+
 def _use_cpu_flash(q: torch.Tensor, features: Features) -> bool:
     """PyTorch's fused CPU attention kernels serve plain CPU calls (when this torch has them)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -148,14 +161,21 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
             lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
         return _into(out, q), lse.contiguous() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
     keys = _Keys(k, v, prefix_k, prefix_v, features)
-    if need_lse or not _is_plain(features):
+    if need_lse or not _sdpa_serves(q, features):
         cdt = _compute_dtype(q.dtype)
         logits = _Logits(q.to(cdt), keys, keys.k.to(cdt), key_padding_mask, causal, scale, features, Lk)
         out = torch.matmul(logits.dropped(logits.probs), keys.v.to(cdt).unsqueeze(2)).flatten(1, 2)
         lse = logits.lse.flatten(1, 2).float() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
         return _into(out, q), lse
-    mask = keys.mask(Lq, Lk, causal, key_padding_mask)
-    out = F.scaled_dot_product_attention(q, keys.k, keys.v, attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
+    mask = keys.mask(Lq, Lk, causal, key_padding_mask, features.sliding_window)
+    attn_mask = mask
+    if features.alibi_slopes is not None:
+        # The bias depends on the key alone: [B, Hq, 1, P + Lk], -inf where the key is not visible.
+        pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, q.device, keys.row_len).to(q.dtype)
+        attn_mask = features.alibi_slopes.to(q.dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, keys.k, keys.v, attn_mask=attn_mask, scale=scale, enable_gqa=Hq != Hkv)
     if mask is not None and not keys_always_visible:
         # Rows that see no key at all are defined as zeros; not every SDPA kernel agrees on them.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
