@@ -41,6 +41,8 @@ class RoutedHead(nn.Module):
             raise TypeError("a per-prefix head takes one tensor input (batch rows first)")
         if x.shape[0] != rows.shape[0]:
             raise ValueError(f"the head got {x.shape[0]} rows, the prefix selection has {rows.shape[0]}")
+        if torch.compiler.is_compiling():
+            return self._dense(x, rows)
         groups = state.row_groups()
         if len(groups) == 1:
             (value, _), = groups
@@ -55,3 +57,17 @@ class RoutedHead(nn.Module):
                              "(e.g. different numbers of labels): such tasks cannot share one batch")
         inverse = torch.argsort(torch.cat(order))
         return torch.cat(parts).index_select(0, inverse)
+
+    def _dense(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Inside torch.compile: every head on every row, each row keeping its own head's output (grouping rows
+        by value needs data-dependent shapes a graph cannot hold). Same outputs and gradients as the grouped
+        path (a head's output at the rows of other prefixes gets no gradient); N + 1 times the head's work,
+        small for a classifier head."""
+        outs = [self.original(x)] + [head(x) for head in self.heads]
+        shapes = {tuple(o.shape[1:]) for o in outs}
+        if len(shapes) > 1:
+            raise ValueError(f"the heads of the prefixes of this bank give outputs of different shapes {shapes} "
+                             "(e.g. different numbers of labels): they cannot share one compiled batch")
+        stacked = torch.stack(outs)  # [N + 1, B, ...]: slot 0 is the model's own head (rows with index -1)
+        pick = (rows.long() + 1).view(1, -1, *([1] * (stacked.dim() - 2))).expand(1, *stacked.shape[1:])
+        return stacked.gather(0, pick).squeeze(0)

@@ -75,8 +75,10 @@ _validated: dict[str, tuple] = {}
 
 
 def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    if torch.compiler.is_compiling() or t.numel() == 0:
+        return  # a traced graph cannot read values (nor data pointers); eager calls check them
     key = (t.data_ptr(), t._version, tuple(t.shape), lo, hi)
-    if _validated.get(name) == key or t.numel() == 0 or torch.compiler.is_compiling():
+    if _validated.get(name) == key:
         return
     t_min, t_max = int(t.min()), int(t.max())
     if t_min < lo or t_max > hi:
