@@ -193,3 +193,61 @@ def test_inference_path_of_the_torch_backend(name, dtype):
     result = compare("out", out, truth, base, 2.0, P + args[1].shape[2])
     assert result.ok, str(result)
     assert out.stride() == args[0].stride()
+
+
+def _bank_args():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
+    bank = torch.randn(3, 2, 4, 16, generator=g)
+    return q, k, k, bank, bank
+
+
+def test_selection_values_are_checked_for_every_new_or_changed_tensor():
+    """The range check of prefix_index is remembered for the tensor object, not its address or contents: a
+    new tensor (even at a freed tensor's address), an in-place write, and inference tensors are checked again."""
+    args = _bank_args()
+    index = torch.tensor([0, 2])
+    prefix_attention(*args, prefix_index=index)
+    index[1] = 3  # an in-place write moves the version counter
+    with pytest.raises(ValueError, match="prefix_index values must be in"):
+        prefix_attention(*args, prefix_index=index)
+    for _ in range(20):  # fresh tensors, some of them at a freed tensor's address
+        prefix_attention(*args, prefix_index=torch.tensor([1, 2]))
+        with pytest.raises(ValueError, match="prefix_index values must be in"):
+            prefix_attention(*args, prefix_index=torch.tensor([1, 3]))
+    with torch.inference_mode():
+        index = torch.tensor([0, 1])
+        out = prefix_attention(*args, prefix_index=index)
+        torch.testing.assert_close(out, prefix_attention(*args, prefix_index=index.clone()))
+        index[0] = 5  # inference tensors count no writes: never remembered, so checked again
+        with pytest.raises(ValueError, match="prefix_index values must be in"):
+            prefix_attention(*args, prefix_index=index)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_padding_bounds_follow_writes_to_the_mask(inference):
+    """The Triton kernels' padding bounds are computed once per mask tensor; a mask written in place between two
+    calls (the first kept key moves) must give the second call's result, not the first's."""
+    from prefix_kernels.ops.attention.triton_impl import is_interpreting
+
+    if not (torch.cuda.is_available() or is_interpreting()):
+        pytest.skip("needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+    from prefix_kernels import prefix_attention_ref
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g).to(device) for n in (3, 160, 160))
+    pk, pv = (torch.randn(2, 4, 16, generator=g).to(device) for _ in range(2))
+    args = (q, k, v, pk, pv)
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:  # the kernels skip whole key tiles outside the bounds: pads span several tiles
+        mask = torch.ones(2, 160, dtype=torch.bool, device=device)
+        mask[0, :130] = False
+        first = prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        want_first, _ = prefix_attention_ref(*args, key_padding_mask=mask.clone())
+        mask[0, :130] = True
+        mask[1, 20:] = False
+        second = prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        want_second, _ = prefix_attention_ref(*args, key_padding_mask=mask)
+    torch.testing.assert_close(second, want_second, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(first, want_first, rtol=2e-3, atol=2e-3)

@@ -8,6 +8,7 @@ for a wrong shape, device or value, each naming the argument at fault.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -69,21 +70,45 @@ def _require_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-# The last selection tensors whose values were checked: (data_ptr, version, shape, bound). A model calls the
-# op once per layer with the same prefix_index, so its values are read (a device sync) once, not per layer.
-_validated: dict[str, tuple] = {}
+class TensorMemo:
+    """One remembered result per name, valid while the same tensor object is passed again unchanged: a model
+    calls the op once per layer with the same selection and padding mask, so what is derived from their values
+    (a range check that reads them back, the padding bounds) is computed once per forward, not per layer.
+
+    The tensor is held by a weak reference and its version counter must not have moved (every in-place write
+    bumps it). Keyed by identity, not by address: a new tensor at a freed tensor's address is a miss. Inference
+    tensors (``torch.inference_mode``) count no writes, so nothing derived from them is remembered.
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple] = {}
+
+    def get(self, name: str, t: torch.Tensor, extra=None):
+        entry = self._entries.get(name)
+        if entry is None or t.is_inference():
+            return None
+        ref, version, entry_extra, value = entry
+        if ref() is t and t._version == version and entry_extra == extra:
+            return value
+        return None
+
+    def put(self, name: str, t: torch.Tensor, value, extra=None) -> None:
+        if not t.is_inference():
+            self._entries[name] = (weakref.ref(t), t._version, extra, value)
+
+
+_checked = TensorMemo()
 
 
 def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
     if torch.compiler.is_compiling() or t.numel() == 0:
-        return  # a traced graph cannot read values (nor data pointers); eager calls check them
-    key = (t.data_ptr(), t._version, tuple(t.shape), lo, hi)
-    if _validated.get(name) == key:
+        return  # a traced graph cannot read values; eager calls check them
+    if _checked.get(name, t, (lo, hi)):
         return
     t_min, t_max = int(t.min()), int(t.max())
     if t_min < lo or t_max > hi:
         raise ValueError(f"{name} values must be in [{lo}, {hi}] ({what}), got min {t_min}, max {t_max}")
-    _validated[name] = key
+    _checked.put(name, t, True, (lo, hi))
 
 
 def _check_prefix_selection(prefix_k, prefix_index, prefix_lengths, B, P, n_prefixes, device) -> None:

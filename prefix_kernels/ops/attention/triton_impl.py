@@ -19,7 +19,7 @@ import torch
 import triton
 
 from . import triton_kernels as kern
-from .inputs import NO_FEATURES, Features
+from .inputs import NO_FEATURES, Features, TensorMemo
 
 LOG2E = 1.4426950408889634
 
@@ -178,6 +178,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_bounds_memo = TensorMemo()
+
+
 def _padding_bounds(key_padding_mask: torch.Tensor | None, len_k: int):
     """Per-row [first kept key, last kept key + 1) as int32 [B], so the kernels skip padded tiles.
 
@@ -185,12 +188,17 @@ def _padding_bounds(key_padding_mask: torch.Tensor | None, len_k: int):
     """
     if key_padding_mask is None:
         return None, None, None
-    keep = key_padding_mask.to(torch.int32)
-    any_kept = keep.amax(dim=1) > 0
-    first = torch.argmax(keep, dim=1)
-    last = len_k - torch.argmax(keep.flip(1), dim=1)
-    lo = torch.where(any_kept, first, torch.full_like(first, len_k)).to(torch.int32)
-    hi = torch.where(any_kept, last, torch.zeros_like(last)).to(torch.int32)
+    bounds = _bounds_memo.get("padding_bounds", key_padding_mask, len_k)
+    if bounds is None:  # once per forward: every layer gets the same mask (about ten small launches)
+        keep = key_padding_mask.to(torch.int32)
+        any_kept = keep.amax(dim=1) > 0
+        first = torch.argmax(keep, dim=1)
+        last = len_k - torch.argmax(keep.flip(1), dim=1)
+        lo = torch.where(any_kept, first, torch.full_like(first, len_k)).to(torch.int32)
+        hi = torch.where(any_kept, last, torch.zeros_like(last)).to(torch.int32)
+        bounds = (lo, hi)
+        _bounds_memo.put("padding_bounds", key_padding_mask, bounds, len_k)
+    lo, hi = bounds
     mask_u8 = key_padding_mask.view(torch.uint8) if key_padding_mask.is_contiguous() else key_padding_mask.to(
         torch.uint8
     )
