@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, Progress, append_csv, line_plot, run_metadata, slug  # noqa: E402
+from common import RESULTS, Progress, append_csv, line_plot, run_metadata, set_cpu_threads, slug  # noqa: E402
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels._timing import measure  # noqa: E402
@@ -145,13 +145,20 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models (the CPU smoke run)")
     parser.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--reps", type=int, help="timed repetitions per measurement (default: 3 quick, 10 full)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on a CPU (default: torch's)")
+    parser.add_argument("--ks", type=int, nargs="+", help="numbers of tasks K (default: 1 4 16)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = "auto" if device.type == "cuda" else "torch"  # the Triton interpreter is not a speed measurement
     s = sizes(args.quick)
-    meta = run_metadata(device)
+    if args.reps:
+        s["reps"] = args.reps
+    if args.ks:
+        s["ks"] = tuple(args.ks)
+    meta = {**run_metadata(device), "cpu_threads": set_cpu_threads(device, args.threads, False)}
     encoder, decoder = _models(s, device, dtype)
     kinds = (("serve-encoder", encoder), ("decode", decoder), ("train-step", encoder))
     progress = Progress(len(kinds) * len(s["ks"]) * len(PATHS), "bench_bank")

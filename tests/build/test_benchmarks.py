@@ -62,13 +62,15 @@ def test_bench_bank_quick_writes_rows(tmp_path):
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_bank.py"), "--quick", "--no-plot",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    # The harness only (one repetition, K of 1 and 4): the numbers of a shared CPU say nothing.
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_bank.py"), "--quick", "--no-plot", "--reps", "1",
+               "--threads", "1", "--ks", "1", "4", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".csv")]
     with open(tmp_path / name) as f:
         rows = list(csv.DictReader(f))
     assert {(r["workload"], r["K"], r["path"]) for r in rows} == {
-        (w, k, p) for w in ("serve-encoder", "decode", "train-step") for k in ("1", "4", "16")
+        (w, k, p) for w in ("serve-encoder", "decode", "train-step") for k in ("1", "4")
         for p in ("one batch (bank)", "K separate batches")}
     assert all(float(r["tokens_per_s"]) > 0 and r["commit"] and r["device"] for r in rows)
