@@ -23,7 +23,7 @@ lint:
 
 test: install-test
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q -n 2 --dist loadgroup
+	$(PYTHON) -m pytest -q -n 2
 
 report: install
 	env -u TRITON_INTERPRET $(PYTHON) -m prefix_kernels report

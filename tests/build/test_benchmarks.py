@@ -11,7 +11,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.xdist_group("benchmarks")
 def test_bench_attention_quick_writes_rows_and_plots(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -34,7 +33,6 @@ def test_bench_attention_quick_writes_rows_and_plots(tmp_path):
         assert (tmp_path / png).stat().st_size > 10_000
 
 
-@pytest.mark.xdist_group("benchmarks")
 def test_bench_e2e_quick_writes_rows_and_plot(tmp_path):
     """The end-to-end harness runs (tiny models, torch backend, PEFT or its stand-in) and writes its JSON, CSV and
     PNG. Only that it runs: the numbers of a shared CPU say nothing."""
@@ -57,7 +55,6 @@ def test_bench_e2e_quick_writes_rows_and_plot(tmp_path):
     assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
 
 
-@pytest.mark.xdist_group("benchmarks")
 def test_bench_bank_quick_writes_rows(tmp_path):
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
