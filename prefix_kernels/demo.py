@@ -188,8 +188,8 @@ def _speed(device, bert, llama) -> None:
         print(f"    {'decoder, greedy 8 x (64 + 32 new)':34} {path:40} {timing.median_ms:8.1f} "
               f"{'':>17}  ({8 * new / timing.median_ms * 1e3:.0f} tokens/s)")
     if device.type == "cpu":
-        print("    (decoding on the CPU: the torch backend concatenates the prefix with the cache and repeats GQA "
-              "heads at every step; the GPU kernels read both in place)")
+        print("    (decoding on the CPU: the torch backend concatenates the prefix with the whole cache at every "
+              "step; the GPU kernels read both in place)")
     for (name, _, ours, mib_ours), (_, _, theirs, mib_theirs) in zip(rows[::2], rows[1::2], strict=True):
         print(f"    {name}: prefix_kernels takes {ours / theirs:.2f}x the time and {mib_ours / mib_theirs:.2f}x the "
               "memory of the eager PEFT-style path")
