@@ -153,3 +153,18 @@ def parity(model, ref, handle, ids, mask, *, grads: bool = True, **forward_kwarg
     failed = [str(r) for r in results if not r.ok]
     assert not failed, "\n".join(failed)
     return results
+
+
+def compile_recording(model):
+    """``torch.compile(model, fullgraph=True)`` through AOTAutograd (aot_eager), after a dynamo reset; returns
+    the compiled model and the list that receives every graph it builds (to count recompilations)."""
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=backend, fullgraph=True), graphs

@@ -13,7 +13,7 @@ import torch
 
 import prefix_kernels as pk
 
-from .models import batch, build, outputs
+from .models import batch, build, compile_recording, outputs
 
 CONFIGS = {
     "a": pk.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=24, backend="torch"),
@@ -271,17 +271,8 @@ def test_torch_compile_with_a_selection(family, head):
     """torch.compile(model, fullgraph=True) of a bank: outputs, every prefix's gradient and every task head's
     gradient equal the eager model's; a new selection of the same batch size reuses the compiled graph (the
     selection is a tensor input, not a constant). BERT's per-task heads take their dense form inside the graph."""
-    from torch._dynamo import lookup_backend
-
     model, handle = _bank(family, head)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled, graphs = compile_recording(model)
     ids, mask = batch(batch_size=5, padding="left" if family == "llama" else "right")
     kwargs = dict(input_ids=ids, attention_mask=mask) | ({"use_cache": False} if family == "llama" else {})
     params = [p for p in model.parameters() if p.requires_grad]

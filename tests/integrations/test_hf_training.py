@@ -9,7 +9,7 @@ import torch
 from prefix_kernels.integrations.hf import attention as hf_attention
 from prefix_kernels.integrations.hf.reference import eager_forward
 
-from .models import apply, assert_rule, batch, build, eager_copy, loss_of, outputs, real
+from .models import apply, assert_rule, batch, build, compile_recording, eager_copy, loss_of, outputs, real
 
 
 def _grads(handle):
@@ -114,18 +114,9 @@ def test_attention_dropout_goes_through_the_op(monkeypatch):
 def test_torch_compile(family, head):
     """torch.compile(model, fullgraph=True): one graph, our op inside it, through AOTAutograd (forward and
     backward), with the outputs and gradients of the uncompiled model."""
-    from torch._dynamo import lookup_backend
-
     model = build(family, head)
     handle = apply(model, prefix_projection=True, encoder_hidden_size=24)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return lookup_backend("aot_eager")(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    compiled, graphs = compile_recording(model)
     ids, mask = batch()
     model.train()
     out = outputs(compiled(input_ids=ids, attention_mask=mask, use_cache=False))
