@@ -259,8 +259,6 @@ def _assume_constant_result(fn):
     return fn
 
 
-
-
 @_assume_constant_result
 def _select_name(requested: str, *fields) -> str:
     # The choice depends only on sizes, dtype, device and the environment, all fixed for a traced

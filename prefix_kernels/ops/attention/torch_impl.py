@@ -159,7 +159,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
         if visible is not None and not keys_always_visible:
             # The kernel reports 0 for a row that sees no key; the contract says -inf.
             lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
-        return _into(out, q), lse.contiguous() if need_lse else q.new_empty((B, Hq, 0), dtype=torch.float32)
+        return _into(out, q), lse.contiguous()
     keys = _Keys(k, v, prefix_k, prefix_v, features)
     if need_lse or not _sdpa_serves(q, features):
         cdt = _compute_dtype(q.dtype)
