@@ -251,3 +251,38 @@ def test_padding_bounds_follow_writes_to_the_mask(inference):
         want_second, _ = prefix_attention_ref(*args, key_padding_mask=mask)
     torch.testing.assert_close(second, want_second, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(first, want_first, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_follows_a_new_mask():
+    """Captured in a CUDA graph after eager calls on the same mask object, the Triton call must record its own
+    padding bounds (none recalled from the memo) and need no sync for the selection check: a replay after the
+    mask's contents change gives the new mask's result."""
+    from prefix_kernels import prefix_attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 64, generator=g).cuda().half() for n in (3, 160, 160))
+    pk, pv = (torch.randn(3, 2, 4, 64, generator=g).cuda().half() for _ in range(2))
+    index = torch.tensor([2, 0], device="cuda")
+    mask = torch.ones(2, 160, dtype=torch.bool, device="cuda")
+    mask[0, :130] = False
+
+    def call():
+        return prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, prefix_index=index, backend="triton")
+
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+            call()  # the memo now holds this mask's bounds
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        mask.copy_(torch.ones_like(mask))
+        mask[1, 20:] = False
+        graph.replay()
+        torch.cuda.synchronize()
+        want, _ = prefix_attention_ref(q, k, v, pk, pv, key_padding_mask=mask, prefix_index=index)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)

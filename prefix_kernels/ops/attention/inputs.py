@@ -77,7 +77,8 @@ class TensorMemo:
 
     The tensor is held by a weak reference and its version counter must not have moved (every in-place write
     bumps it). Keyed by identity, not by address: a new tensor at a freed tensor's address is a miss. Inference
-    tensors (``torch.inference_mode``) count no writes, so nothing derived from them is remembered.
+    tensors (``torch.inference_mode``) count no writes, and a CUDA graph being captured must record its own
+    work, so nothing is remembered (or recalled) for either.
     """
 
     def __init__(self):
@@ -85,7 +86,7 @@ class TensorMemo:
 
     def get(self, name: str, t: torch.Tensor, extra=None):
         entry = self._entries.get(name)
-        if entry is None or t.is_inference():
+        if entry is None or not _rememberable(t):
             return None
         ref, version, entry_extra, value = entry
         if ref() is t and t._version == version and entry_extra == extra:
@@ -93,16 +94,26 @@ class TensorMemo:
         return None
 
     def put(self, name: str, t: torch.Tensor, value, extra=None) -> None:
-        if not t.is_inference():
+        if _rememberable(t):
             self._entries[name] = (weakref.ref(t), t._version, extra, value)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on t's device: a graph replays its recorded work without running
+    Python, so nothing may come from a memo filled outside it, and no value may be read back (a sync)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _rememberable(t: torch.Tensor) -> bool:
+    return not t.is_inference() and not _capturing(t)
 
 
 _checked = TensorMemo()
 
 
 def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
-    if torch.compiler.is_compiling() or t.numel() == 0:
-        return  # a traced graph cannot read values; eager calls check them
+    if torch.compiler.is_compiling() or t.numel() == 0 or _capturing(t):
+        return  # a traced or captured graph cannot read values back; eager calls check them
     if _checked.get(name, t, (lo, hi)):
         return
     t_min, t_max = int(t.min()), int(t.max())
