@@ -485,7 +485,7 @@ def _fresh_directory(parent: str, stem: str) -> str:
 def _write_adapter(directory: str, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors import torch as safetensors_torch
 
-    target = os.path.abspath(directory)
+    target = os.path.realpath(directory)  # through a symlink: the directory it names is replaced, the link kept
     if os.path.exists(target) and not os.path.isdir(target):
         raise ValueError(f"{directory!r} is not a directory (an existing file): an adapter is a directory")
     parent, base = os.path.split(target)

@@ -246,6 +246,19 @@ def test_a_save_replaces_an_adapter_and_keeps_other_files(tmp_path):
                                    tuned(input_ids=ids, attention_mask=mask).logits, rtol=1e-6, atol=1e-6)
 
 
+def test_a_save_through_a_symlink_replaces_what_it_names(tmp_path):
+    _classifier_adapter(tmp_path / "real", seed=3)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    base, tuned = _classifier_adapter(tmp_path / "link", seed=4)
+    assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == ["link", "real"]
+    model = copy.deepcopy(base)
+    pk.load_peft_adapter(model, tmp_path / "real", backend="torch")
+    ids, mask = batch(padding="right")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   tuned(input_ids=ids, attention_mask=mask).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_saving_over_a_file_raises(tmp_path):
     model = build("llama")
     apply(model)
