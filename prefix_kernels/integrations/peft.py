@@ -27,8 +27,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .hf.apply import HANDLE_ATTR, PrefixHandle, _find_modules, _sizes, apply_prefix_tuning
+from .hf.apply import HANDLE_ATTR, PrefixHandle, apply_prefix_tuning
 from .hf.config import PrefixConfig
+from .hf.facts import find_modules as _find_modules
+from .hf.facts import model_sizes as _sizes
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
