@@ -295,3 +295,37 @@ def test_no_import_cycle_in_integrations():
         found = cycle_from(name, name, {name})
         assert found is None, " -> ".join(found)
     assert "prefix_kernels.integrations.peft" not in graph["prefix_kernels.integrations.hf.apply"]
+
+
+def test_checkpoint_recompute_in_another_thread():
+    """Gradient checkpointing recomputes layers in the thread that runs the backward (autograd's device threads on
+    a GPU): a thread that ran no forward uses the model's latest call, so the gradients are those of a forward and
+    backward in one thread; after forwards that overlapped in two threads it refuses instead of guessing."""
+    model, _, handle = _tuned("llama", "lm", prefix_projection=True, encoder_hidden_size=24)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    inputs = _inputs("llama")
+    params = list(handle.prefix_encoder.parameters())
+
+    def loss():
+        return outputs(model(**inputs, use_cache=False)).square().mean()
+
+    want = torch.autograd.grad(loss(), params)
+    box = {}
+    for target in (lambda: box.setdefault("loss", loss()),  # the forward in one thread,
+                   lambda: box.setdefault("grads", torch.autograd.grad(box["loss"], params))):  # recompute in another
+        worker = threading.Thread(target=target)
+        worker.start()
+        worker.join(120)
+    got = box["grads"]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+    model.eval()
+    layer = handle.family.layer_list(model).__getitem__
+    _overlapping(model, layer, [lambda: _out(model, inputs)] * 2, "first")
+    errors = []
+    fresh = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, handle.state.current)))
+    fresh.start()
+    fresh.join(60)
+    assert errors and "overlapped" in str(errors[0].value)
