@@ -53,8 +53,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .hf.apply import ENCODER_NAME, HANDLE_ATTR, PrefixHandle, _find_modules, _sizes, apply_prefix_tuning
+from .hf.apply import ENCODER_NAME, HANDLE_ATTR, PrefixHandle, apply_prefix_tuning
 from .hf.config import PrefixConfig
+from .hf.facts import find_modules as _find_modules
+from .hf.facts import model_sizes as _sizes
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -315,31 +317,11 @@ def _shared_parameters(loaded: dict, found: dict) -> dict[str, torch.Tensor]:
     return first
 
 
-def _on_remove(handle: PrefixHandle, undo) -> None:
-    """Run ``undo`` when the handle is removed (before the undo of what applying did)."""
-    handle._undo.append(undo)
-
-
 def _write_parameters(handle: PrefixHandle, values: dict[str, torch.Tensor]) -> None:
-    """Copy trained values into the model's own parameters, the old values put back on ``handle.remove()``."""
-    if not values:
-        return
-    params = dict(handle.model.named_parameters(remove_duplicate=False))
-    saved = []
-
-    def undo():
-        with torch.no_grad():
-            for p, old, flag in reversed(saved):
-                p.copy_(old)
-                p.requires_grad_(flag)
-
-    _on_remove(handle, undo)
-    with torch.no_grad():
-        for name, value in values.items():
-            p = params[name]
-            saved.append((p, p.detach().clone(), p.requires_grad))
-            p.copy_(value)
-            p.requires_grad_(True)  # it trained; frozen below unless is_trainable
+    """Copy trained values into the model's own parameters, the old values put back on ``handle.remove()`` (a data
+    record on the handle's undo stack, so a copy or a pickle of the model undoes its own)."""
+    if values:
+        handle.patches.write_parameters(handle.model, values)
 
 
 def _load(model, adapters: dict, *, is_trainable: bool, backend: str) -> PrefixHandle:
