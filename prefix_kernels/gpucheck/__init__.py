@@ -5,9 +5,10 @@ Stages, each a subprocess with its own time limit (a hung kernel is cut, the res
 
     machine          nvidia-smi, versions, compilers, ``python -m prefix_kernels info``
     build            the CUDA extension: prebuilt, else built for this device's arch with every core, else why not
+                     (in the background, beside tune, which needs only Triton)
+    tune             candidate tiles timed at the benchmark shapes; the fastest that passes -> tiles.json
     tests            the gpu-marked tests, in parallel (pytest-xdist), JUnit XML
     parity           the kernels at the shipped tiles in bf16/fp16 against the fp32 reference (tolerance rule)
-    tune             candidate tiles timed at the benchmark shapes; the fastest that passes -> tiles.json
     bench_attention  the goal grid, ours against concat + SDPA(flash), rows appended as measured
     bench_e2e        the P-Tuning v2 train step and generation against PEFT
 
@@ -26,10 +27,10 @@ import tempfile
 import time
 
 from . import summary
-from .runner import StageResult, read_jsonl, run_stage
+from .runner import StageResult, read_jsonl, run_stage, start_stage, wait_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = ("machine", "build", "tests", "parity", "tune", "bench_attention", "bench_e2e")
+STAGES = ("machine", "build", "tune", "tests", "parity", "bench_attention", "bench_e2e")  # build runs beside tune
 SHARE = {"machine": 0.08, "build": 0.45, "tests": 0.22, "parity": 0.12, "tune": 0.22, "bench_attention": 0.2,
          "bench_e2e": 1.0}  # the most of the budget each may take; later stages keep a floor of the rest
 FLOOR = 0.04
@@ -91,7 +92,7 @@ class Check:
         if stage == "build":
             return self.py("-m", "prefix_kernels.gpucheck.build", "--json", self.path("build.json"), *dry), self.env
         if stage == "tests":
-            workers = 2 if self.dry else min(8, os.cpu_count() or 1)
+            workers = 0 if self.dry else min(8, os.cpu_count() or 1)  # a dry run: one process (2 shared cores)
             argv = self.py("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p",
                            "prefix_kernels.gpucheck.pytest_deadline", f"--junitxml={self.path('junit.xml')}")
             if _has("xdist"):
@@ -113,7 +114,7 @@ class Check:
                      ["--grid", "goals", "--only", "prefix_kernels", "concat+sdpa[flash]"])
             return self.py(script, "--out", self.path("attention"), "--no-plot", *deadline, *extra), env
         script = os.path.join(ROOT, "benchmarks", "bench_e2e.py")
-        extra = ["--quick", "--reps", "1", "--only", "tiny BERT train P=16", "tiny Llama generate"] if self.dry else \
+        extra = ["--quick", "--reps", "1", "--only", "tiny BERT train P=16"] if self.dry else \
             ["--reps", "5", "--only", *GOAL_E2E]
         return self.py(script, "--out", self.path("e2e"), "--no-plot", *deadline, *extra), env
 
@@ -124,15 +125,28 @@ class Check:
                 os.remove(os.path.join(self.out, name))
         with open(os.path.join(self.out, "gpu_check.log"), "w") as log:
             log.write(f"gpu-check: budget {self.budget:.0f} s, dry run {self.dry}, root {ROOT}\n")
+            background = None
             for stage in STAGES:
                 if stage in self.skip:
                     self.results.append(StageResult(stage, "skipped: --skip", 0.0, 0.0))
                 elif stage.startswith("bench") and not os.path.exists(os.path.join(ROOT, "benchmarks")):
                     self.results.append(StageResult(stage, "skipped: no benchmarks/ folder (not a checkout)", 0, 0))
+                elif stage == "build":  # its output goes to its own log, copied in when it ends
+                    limit = self.limit(stage)
+                    argv, env = self.argv(stage, limit)
+                    build_log = open(self.path("build.log"), "w")  # noqa: SIM115 (closed when the build ends)
+                    background = start_stage(stage, argv, limit, build_log, env=env, cwd=ROOT)
+                    continue
                 else:
                     limit = self.limit(stage)
                     argv, env = self.argv(stage, limit)
                     self.results.append(run_stage(stage, argv, limit, log, env=env, cwd=ROOT))
+                if background is not None and stage == "tune":
+                    self.results.append(wait_stage(background))
+                    background.log.close()
+                    with open(self.path("build.log")) as f:
+                        log.write(f.read())
+                    background = None
                 self.collect()
             log.write(f"\ngpu-check finished in {time.monotonic() - self.start:.1f} s\n")
         self.collect(final=True)

@@ -37,7 +37,9 @@ def plan(dry_run: bool) -> tuple[str, str, list[str] | None, dict]:
     """(status, reason, command or None, environment additions)."""
     import torch
 
-    error = _loads()
+    from prefix_kernels import _ext
+
+    error = _ext.error()  # this process has not imported it yet: the same as a fresh interpreter
     if error is None:
         return "prebuilt", "prefix_kernels._C loads (prebuilt)", None, {}
     why_not = f"prefix_kernels._C does not load ({error})"

@@ -26,8 +26,9 @@ def _run(argv: list[str], timeout: float = 20) -> str:
 
 
 def _first_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    """The version line: the one naming a release (nvcc, ptxas), else the first."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in lines if "release" in line), lines[0] if lines else "")
 
 
 def versions() -> dict:

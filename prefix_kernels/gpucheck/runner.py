@@ -26,31 +26,55 @@ class StageResult:
                 "limit_s": round(self.limit_s, 1), **self.detail}
 
 
-def run_stage(name: str, argv: list[str], limit_s: float, log, env: dict | None = None,
-              cwd: str | None = None) -> StageResult:
-    """Run ``argv`` in a new process group, its output appended to ``log`` (an open text file), killed with its
-    children after ``limit_s`` seconds."""
+@dataclass
+class Running:
+    name: str
+    proc: subprocess.Popen | None
+    start: float
+    limit_s: float
+    log: object
+    early: StageResult | None = None  # set when the stage could not start
+
+
+def start_stage(name: str, argv: list[str], limit_s: float, log, env: dict | None = None,
+                cwd: str | None = None) -> Running:
+    """Start ``argv`` in a new process group, its output appended to ``log`` (an open text file)."""
     log.write(f"\n===== stage {name}: {' '.join(argv)} (limit {limit_s:.0f} s) =====\n")
     log.flush()
     start = time.monotonic()
     if limit_s < 1:
-        return StageResult(name, "skipped: no time left in the budget", 0.0, limit_s)
+        return Running(name, None, start, limit_s, log, StageResult(name, "skipped: no time left in the budget", 0.0,
+                                                                     limit_s))
     try:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
     except OSError as e:
         log.write(f"could not start: {e}\n")
-        return StageResult(name, f"failed: could not start ({e})", 0.0, limit_s)
+        return Running(name, None, start, limit_s, log, StageResult(name, f"failed: could not start ({e})", 0.0,
+                                                                     limit_s))
+    return Running(name, proc, start, limit_s, log)
+
+
+def wait_stage(run: Running) -> StageResult:
+    """Wait for a started stage until its limit (counted from its start), then kill it and its children."""
+    if run.early is not None:
+        return run.early
     try:
-        rc = proc.wait(timeout=limit_s)
+        rc = run.proc.wait(timeout=max(0.0, run.start + run.limit_s - time.monotonic()))
         status = "ok" if rc == 0 else f"failed (rc {rc})"
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        status = f"timeout after {limit_s:.0f} s (cut)"
-    seconds = time.monotonic() - start
-    log.write(f"===== stage {name}: {status} in {seconds:.1f} s =====\n")
-    log.flush()
-    return StageResult(name, status, seconds, limit_s)
+        _kill_group(run.proc)
+        status = f"timeout after {run.limit_s:.0f} s (cut)"
+    seconds = time.monotonic() - run.start
+    run.log.write(f"===== stage {run.name}: {status} in {seconds:.1f} s =====\n")
+    run.log.flush()
+    return StageResult(run.name, status, seconds, run.limit_s)
+
+
+def run_stage(name: str, argv: list[str], limit_s: float, log, env: dict | None = None,
+              cwd: str | None = None) -> StageResult:
+    """Run a stage to its end or its limit."""
+    return wait_stage(start_stage(name, argv, limit_s, log, env, cwd))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
