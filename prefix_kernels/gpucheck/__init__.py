@@ -31,10 +31,10 @@ from .runner import StageResult, read_jsonl, run_stage, start_stage, wait_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ("machine", "build", "tune", "tests", "parity", "bench_attention", "bench_e2e")  # build runs beside tune
-SHARE = {"machine": 0.08, "build": 0.45, "tests": 0.22, "parity": 0.12, "tune": 0.22, "bench_attention": 0.2,
+SHARE = {"machine": 0.08, "build": 0.45, "tests": 0.22, "parity": 0.12, "tune": 0.25, "bench_attention": 0.2,
          "bench_e2e": 1.0}  # the most of the budget each may take; later stages keep a floor of the rest
 FLOOR = 0.04
-RESERVE_S = 4.0  # for the summary after the last stage
+RESERVE_S = 8.0  # for the summary after the last stage
 GOAL_E2E = ["BERT-base train P=64", "Llama-3.2-1B generate", "BERT-base train P=16", "Bloom-560m generate",
             "BERT-base train P=128", "Llama-3.2-1B train", "Bloom-560m train"]
 
@@ -110,8 +110,8 @@ class Check:
         deadline = ["--deadline-s", str(max(1, int(limit - 25)))]
         if stage == "bench_attention":
             script = os.path.join(ROOT, "benchmarks", "bench_attention.py")
-            extra = (["--quick", "--shapes", "L=64"] if self.dry else
-                     ["--grid", "goals", "--only", "prefix_kernels", "concat+sdpa[flash]"])
+            extra = ["--quick", "--shapes", "L=64"] if self.dry else [
+                "--grid", "goals", "--only", "prefix_kernels[triton]", "prefix_kernels[cuda]", "concat+sdpa[flash]"]
             return self.py(script, "--out", self.path("attention"), "--no-plot", *deadline, *extra), env
         script = os.path.join(ROOT, "benchmarks", "bench_e2e.py")
         extra = ["--quick", "--reps", "1", "--only", "tiny BERT train P=16"] if self.dry else \

@@ -78,13 +78,13 @@ def run_stage(name: str, argv: list[str], limit_s: float, log, env: dict | None 
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 2), (signal.SIGKILL, 2)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
             continue
