@@ -141,6 +141,11 @@ class Check:
                     limit = self.limit(stage)
                     argv, env = self.argv(stage, limit)
                     self.results.append(run_stage(stage, argv, limit, log, env=env, cwd=ROOT))
+                seen = (self.state()["machine"] or {}).get("cuda", shutil.which("nvidia-smi") is not None)
+                if stage == "machine" and not self.dry and not seen:
+                    log.write("no CUDA device visible: the rest runs as --dry-run (interpreter, tiny shapes)\n")
+                    self.dry = True
+                    self.env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
                 if background is not None and stage == "tune":
                     self.results.append(wait_stage(background))
                     background.log.close()

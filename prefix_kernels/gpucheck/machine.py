@@ -85,6 +85,8 @@ def main(argv=None) -> int:
                       sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
     else:
         record.update(device=f"CPU {platform.machine()} ({os.cpu_count()} cores)", capability=None)
+    with open(args.json, "w") as f:  # written twice: a stage cut during `info` still says what it saw
+        json.dump(record, f, indent=1)
     record["info"] = _run([sys.executable, "-m", "prefix_kernels", "info"], timeout=120)
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1)
