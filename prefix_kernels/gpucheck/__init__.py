@@ -97,9 +97,11 @@ class Check:
                            "prefix_kernels.gpucheck.pytest_deadline", f"--junitxml={self.path('junit.xml')}")
             if _has("xdist"):
                 argv += ["-n", str(workers)]
+            per_test = max(20, int(limit / 5))  # a hung test fails alone (pytest-timeout, where installed)
             if _has("pytest_timeout"):
-                argv += [f"--timeout={max(30, int(limit / 3))}"]
-            env = {**shipped, "GPU_CHECK_TEST_DEADLINE": str(time.time() + max(1.0, limit - 20))}
+                argv += [f"--timeout={per_test}"]
+            # no test starts after this, so the last ones end and the XML is written inside the limit
+            env = {**shipped, "GPU_CHECK_TEST_DEADLINE": str(time.time() + max(1.0, limit - per_test - 10))}
             return argv + gpu_test_files(), env
         if stage == "parity":
             return self.py("-m", "prefix_kernels.gpucheck.parity", "--jsonl", self.path("parity.jsonl"), *dry), shipped
