@@ -200,12 +200,17 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="few small shapes")
     r = sub.add_parser("report", help="static kernel report (no GPU needed)")
     r.add_argument("rest", nargs=argparse.REMAINDER)
+    from . import gpucheck
+
+    gpucheck.add_arguments(sub.add_parser("gpu-check", help="validate and measure on a GPU in one budgeted run"))
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.cmd != "report":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd == "report":
         args.rest = [*unknown, *args.rest]  # argparse leaves report's own options (--only, --arch) unknown
-    return {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "report": cmd_report}[args.cmd](args)
+    commands = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "report": cmd_report,
+                "gpu-check": gpucheck.main}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":
