@@ -6,17 +6,20 @@ capabilities), ``prefix_kernels.ops.reparam.backends`` (the projection's), both 
 """
 
 from .ops.attention.backends import (
-                                     ENV_VAR,
-                                     AttentionBackend,
-                                     archs_cover,
-                                     describe,
-                                     get,
-                                     names,
-                                     register,
-                                     select,
-                                     unregister,
+    ENV_VAR,
+    AttentionBackend,
+    CudaAttention,
+    TorchAttention,
+    TritonAttention,
+    archs_cover,
+    describe,
+    get,
+    names,
+    register,
+    select,
+    unregister,
 )
 from .ops.dispatch import Backend, BackendUnavailableError
 
-__all__ = ["ENV_VAR", "AttentionBackend", "Backend", "BackendUnavailableError", "archs_cover", "describe", "get",
-           "names", "register", "select", "unregister"]
+__all__ = ["ENV_VAR", "AttentionBackend", "Backend", "BackendUnavailableError", "CudaAttention", "TorchAttention",
+           "TritonAttention", "archs_cover", "describe", "get", "names", "register", "select", "unregister"]

@@ -33,7 +33,7 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CheckContext:
     """What an option's check may look at: the call's sizes and every optional value given."""
 
@@ -215,10 +215,17 @@ class _Record:
     def from_op_args(cls, args) -> Features:
         return cls(**dict(zip((o.name for o in OPTIONS), args, strict=True)))
 
+    def _on(self, feature: Feature) -> bool:
+        for name, is_tensor, off in _TESTS[feature.name]:
+            value = getattr(self, name)
+            if value is not None and (is_tensor or value != off):
+                return True
+        return False
+
     @property
     def active(self) -> tuple[str, ...]:
-        """Names of the features in use, in the record's order."""
-        return tuple(f.name for f in FEATURES if any(o.is_on(getattr(self, o.name)) for o in f.options))
+        """Names of the features in use, in the record's order (plain loops: this runs on every call)."""
+        return tuple(f.name for f in FEATURES if self._on(f))
 
     @property
     def scores(self) -> tuple[str, ...]:
@@ -234,8 +241,7 @@ class _Record:
 
     def drawn(self, device: torch.device) -> Features:
         """With the internal options of the active features made (the dropout seed)."""
-        active = self.active
-        made = {o.name: o.draw(device) for o in OPTIONS if o.draw and FEATURE_OF[o.name].name in active}
+        made = {o.name: o.draw(device) for o in _DRAWN if self._on(FEATURE_OF[o.name])}
         return self.replace(**made) if made else self
 
     def kernel_args(self, kernel, dummy: torch.Tensor):
@@ -256,6 +262,9 @@ class _Record:
 
 
 _BY_NAME = {f.name: f for f in FEATURES}
+# Per feature, (option, is a tensor, its "off" value): what Features._on tests.
+_TESTS = {f.name: tuple((o.name, o.is_tensor, o.off) for o in f.options) for f in FEATURES}
+_DRAWN = tuple(o for o in OPTIONS if o.draw)
 
 Features = dataclasses.make_dataclass(
     "Features", [(o.name, object, field(default=o.off)) for o in OPTIONS], bases=(_Record,), frozen=True)
@@ -271,19 +280,18 @@ NO_FEATURES = Features()
 
 
 def check(ctx: CheckContext) -> Features:
-    """The validated features of a call (``ctx.given``: the optional keywords passed)."""
-    unknown = [name for name in ctx.given if name not in _PUBLIC_NAMES]
-    if unknown:
-        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; the optional features are "
-                        f"{list(_PUBLIC_NAMES)}")
+    """The validated features of a call (``ctx.given``: the optional keywords passed, at least one)."""
     values = {}
-    for o in PUBLIC:
-        value = ctx.given.get(o.name, o.off)
-        values[o.name] = None if value is None and o.off is None else o.check(value, ctx)
+    for name, value in ctx.given.items():
+        o = _PUBLIC_BY_NAME.get(name)
+        if o is None:
+            raise TypeError(f"unexpected keyword argument {name!r}; the optional features are "
+                            f"{list(_PUBLIC_BY_NAME)}")
+        values[name] = None if value is None and o.off is None else o.check(value, ctx)
     return Features(**values)
 
 
-_PUBLIC_NAMES = tuple(o.name for o in PUBLIC)
+_PUBLIC_BY_NAME = {o.name: o for o in PUBLIC}
 
 
 def with_options(fn):

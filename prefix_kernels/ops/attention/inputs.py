@@ -127,8 +127,8 @@ def check_inputs(
     key_padding_mask ``[B, Lk]`` bool (True = attend). Any strides are accepted. A prefix bank
     ``[N, Hkv, P, D]`` needs prefix_index ``[B]`` int in [-1, N) (-1: no prefix for that row);
     prefix_lengths ``[N]`` int in [0, P] gives each prefix's length (the tail columns are masked).
-    alibi_slopes ``[Hq]`` float32; alibi_offsets ``[B]`` integer (needs alibi_slopes); dropout_p in
-    [0, 1); sliding_window an int >= 1 (needs causal); softcap a float > 0.
+    ``options``: the optional features, by their names in the record of ``features.py``, whose entries say
+    what each accepts; an unknown name is a TypeError.
     """
     q = _require_tensor("q", q)
     k = _require_tensor("k", k)
@@ -218,9 +218,11 @@ def check_inputs(
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
 
-    features = check_features(CheckContext(batch=B, heads_q=Hq, prefix_len=P, n_prefixes=n_prefixes, device=q.device,
-                                           causal=causal, has_prefix=prefix_k is not None, given=options,
-                                           check_values=_check_values))
+    features = NO_FEATURES
+    if options:
+        features = check_features(CheckContext(batch=B, heads_q=Hq, prefix_len=P, n_prefixes=n_prefixes,
+                                               device=q.device, causal=causal, has_prefix=prefix_k is not None,
+                                               given=options, check_values=_check_values))
     return AttentionSpec(
         batch=B,
         heads_q=Hq,
