@@ -167,7 +167,7 @@ def inputs(w: Workload, device: torch.device) -> dict:
 @contextlib.contextmanager
 def backends_used():
     """The names of the attention backends prefix_attention picks inside the block."""
-    from prefix_kernels import backends
+    from prefix_kernels.ops.attention import backends
 
     seen: set[str] = set()
     original = backends.select

@@ -5,9 +5,9 @@ kernels and the prefix modules), and ``apply_prefix_tuning`` / ``PrefixConfig`` 
 ``save_peft_adapter`` (Hugging Face models and PEFT adapters; imported on first use, as they need transformers).
 """
 
-from .backends import BackendUnavailableError
 from .modules import PrefixBank, PrefixEncoder
 from .ops.attention import prefix_attention, prefix_attention_ref, select_backend
+from .ops.dispatch import BackendUnavailableError
 
 __version__ = "0.1.0"
 

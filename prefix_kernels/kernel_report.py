@@ -35,6 +35,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from .ops.attention.features import FLOAT_SCALARS as FEATURE_FLOAT_SCALARS
+from .ops.attention.features import KERNEL_FLAGS
+from .ops.attention.features import POINTER_TYPES as FEATURE_POINTER_TYPES
+
 # Largest dynamic shared memory one block may use (opt-in), in bytes.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
@@ -51,19 +55,15 @@ REPARAM = "reparam_"
 # Kernels without a matrix product (no tensor cores expected).
 NO_DOT = {"bwd_preprocess", REPARAM + "bwd_dz", "bwd_sum_segments", "dropout_mask"}
 POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
-                 "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ALIBI": "*fp32", "ALIBI_OFF": "*i32",
-                 "SEED": "*i64", "PIDX": "*i64", "PLEN": "*i64", "ROWS": "*i32", "ITEM_PREFIX": "*i32",
-                 "ITEM_LO": "*i32", "ITEM_HI": "*i32"}
-FLOAT_SCALARS = ("sm_scale", "qk_scale", "softcap", "dropout_p")
+                 "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ROWS": "*i32", "ITEM_PREFIX": "*i32",
+                 "ITEM_LO": "*i32", "ITEM_HI": "*i32"} | FEATURE_POINTER_TYPES
+FLOAT_SCALARS = ("sm_scale", "qk_scale", *FEATURE_FLOAT_SCALARS)
 # Flag sets compiled for every tile: the common path (causal decoder with padding) and every optional
-# feature at once, which holds the most state live.
+# feature of the record at once, which holds the most state live.
+_CORE_FLAGS = {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True}
 VARIANTS = {
-    "plain": {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True, "HAS_DLSE": False, "HAS_ALIBI": False,
-              "HAS_ALIBI_OFF": False, "HAS_DROPOUT": False, "HAS_WINDOW": False, "HAS_SOFTCAP": False,
-              "HAS_INDEX": False, "HAS_LENGTHS": False},
-    "all": {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True, "HAS_DLSE": True, "HAS_ALIBI": True,
-            "HAS_ALIBI_OFF": True, "HAS_DROPOUT": True, "HAS_WINDOW": True, "HAS_SOFTCAP": True,
-            "HAS_INDEX": True, "HAS_LENGTHS": True},
+    "plain": _CORE_FLAGS | {"HAS_DLSE": False} | dict.fromkeys(KERNEL_FLAGS, False),
+    "all": _CORE_FLAGS | {"HAS_DLSE": True} | dict.fromkeys(KERNEL_FLAGS, True),
 }
 # Small fixed-shape kernels of the attention family: (function, signature, constants, num_warps). No dots.
 AUX_KERNELS = {
@@ -161,7 +161,7 @@ def _reparam_source(row: Row):
     dtypes = {v: k for k, v in triton_impl.SHORT.items()}
     param, compute = dtypes[row.dtype], dtypes[row.compute or row.dtype]
     name, pointers, flags, unit = triton_impl.compile_spec(role, param, compute)
-    cfg = triton_impl.TileConfig(row.block_m, row.block_n, row.block_k, row.num_warps, row.num_stages)
+    cfg = triton_impl.TileConfig(row.block_m, row.block_n, row.num_warps, row.num_stages, block_k=row.block_k)
     constexprs = flags | triton_impl.tile_constexprs(role, compute, cfg)
     fn = getattr(triton_kernels, name)
     sig, consts, attrs = {}, {}, {}

@@ -180,7 +180,7 @@ def test_registry_reasons_without_a_gpu():
     assert ("not a CUDA device" in reasons[0]) if BUILT else ("prefix_kernels._C is not available" in reasons[0])
     from prefix_kernels.ops.attention import check_inputs
 
-    spec = check_inputs(torch.zeros(1, 2, 3, 36), torch.zeros(1, 2, 4, 36), torch.zeros(1, 2, 4, 36))
+    spec, _ = check_inputs(torch.zeros(1, 2, 3, 36), torch.zeros(1, 2, 4, 36), torch.zeros(1, 2, 4, 36))
     why = cuda.input_reasons(spec)
     assert any("dtype torch.float32 is not supported" in r for r in why)
     assert any(re.search(r"head dim 36 is not supported \(a multiple of 8 up to 128", r) for r in why)
@@ -190,6 +190,7 @@ def test_backend_functions_refuse_active_features():
     from prefix_kernels.ops.attention import check_inputs
     from prefix_kernels.ops.attention.inputs import NO_FEATURES
 
+    cuda = backends.get("cuda")
     off = types.SimpleNamespace(alibi_slopes=None, dropout_p=0.0, sliding_window=None, softcap=None)
     assert cuda_backend.active_features(None) == [] and cuda_backend.active_features(off) == []
     assert cuda_backend.active_features(NO_FEATURES) == []
@@ -203,15 +204,15 @@ def test_backend_functions_refuse_active_features():
                              features=types.SimpleNamespace(prefix_index=torch.zeros(2, dtype=torch.long)))
 
     q, k = torch.zeros(2, 2, 3, 64, dtype=torch.float16), torch.zeros(2, 2, 4, 64, dtype=torch.float16)
-    spec = check_inputs(q, k, k, softcap=30.0)
-    assert backends._cuda_input_reasons(spec) == ["optional features ['softcap'] are not implemented by the CUDA "
+    spec, _ = check_inputs(q, k, k, softcap=30.0)
+    assert cuda.input_reasons(spec) == ["optional features ['softcap'] are not implemented by the CUDA "
                                                   "kernels yet"]
     bank = torch.zeros(3, 2, 5, 64, dtype=torch.float16)
-    spec = check_inputs(q, k, k, bank, bank, prefix_index=torch.tensor([0, 2]))
-    assert backends._cuda_input_reasons(spec) == ["prefix banks (prefix_index / prefix_lengths, or more than one "
+    spec, _ = check_inputs(q, k, k, bank, bank, prefix_index=torch.tensor([0, 2]))
+    assert cuda.input_reasons(spec) == ["prefix banks (prefix_index / prefix_lengths, or more than one "
                                                   "prefix) are not implemented by the CUDA kernels yet"]
     single = torch.zeros(2, 5, 64, dtype=torch.float16)
-    assert backends._cuda_input_reasons(check_inputs(q, k, k, single, single)) == []
+    assert cuda.input_reasons(check_inputs(q, k, k, single, single)[0]) == []
 
 
 @pytest.mark.parametrize("archs,cap,ok", [

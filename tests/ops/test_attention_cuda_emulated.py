@@ -31,13 +31,19 @@ def emu():
 
     module = emulator.load()
     impl = types.SimpleNamespace(forward=lambda *args: _fwd(module, *args), backward=lambda *args: _bwd(module, *args))
-    backends.register(backends.Backend(
-        name=NAME, description="the CUDA kernels on the CPU emulator (tests only)",
-        device_reasons=lambda d: [] if d.type == "cpu" else ["emulated on the CPU only"],
-        input_reasons=backends._cuda_input_reasons, lse_for_backward=True, _impl=lambda: impl))
+    class Emulated(backends.CudaAttention):  # the cuda backend's capabilities, on the CPU
+        name, description = NAME, "the CUDA kernels on the CPU emulator (tests only)"
+
+        def device_reasons(self, device):
+            return [] if device.type == "cpu" else ["emulated on the CPU only"]
+
+        def impl(self):
+            return impl
+
+    backends.register(Emulated())
     module.set_options(True, True, 0)  # the most adversarial schedule: skewed warps, copies land at issue
     yield module
-    backends._REGISTRY.pop(NAME)
+    backends.unregister(NAME)
 
 
 def _fwd(module, q, k, v, pk, pv, mask, causal, scale, need_lse, features=None):

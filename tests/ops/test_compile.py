@@ -6,6 +6,7 @@ import torch
 import prefix_kernels  # noqa: F401  (registers the ops)
 from prefix_kernels import prefix_attention
 from prefix_kernels.ops.attention import function
+from prefix_kernels.ops.attention.features import NO_FEATURES, Features
 from prefix_kernels.testing import make_inputs
 
 
@@ -17,11 +18,11 @@ def test_ops_are_registered():
 def _op_args(inputs, need_lse, features: bool):
     q = inputs["q"]
     B, Hq = q.shape[:2]
-    alibi = (torch.linspace(0.1, 0.5, Hq), torch.tensor([-1, 0] * (B // 2) + [0] * (B % 2), dtype=torch.int32),
-             torch.tensor(1234, dtype=torch.int64)) if features else (None, None, None)
-    scalars = (0.2, 3, 4.0) if features else (0.0, None, None)
+    on = Features(alibi_slopes=torch.linspace(0.1, 0.5, Hq),
+                  alibi_offsets=torch.tensor([-1, 0] * (B // 2) + [0] * (B % 2), dtype=torch.int32),
+                  dropout_seed=torch.tensor(1234, dtype=torch.int64), dropout_p=0.2, sliding_window=3, softcap=4.0)
     return (q, inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"], inputs["key_padding_mask"],
-            *alibi, None, None, True, 0.25, *scalars, "torch", need_lse)
+            True, 0.25, "torch", need_lse, *(on if features else NO_FEATURES).op_args())
 
 
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "features"])
@@ -45,12 +46,12 @@ def test_fake_shapes_and_layouts():
         q = torch.empty(2, 9, 8, 64).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
         k = torch.empty(2, 2, 11, 64)
         pk = torch.empty(2, 5, 64)
-        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, None, None, None, None, None, False,
-                                                          0.125, 0.0, None, None, "torch", True)
+        out, lse = torch.ops.prefix_kernels.attention_fwd(q, k, k, pk, pk, None, False, 0.125, "torch", True,
+                                                          *NO_FEATURES.op_args())
         assert out.shape == (2, 8, 9, 64) and out.stride() == q.stride()
         assert lse.shape == (2, 8, 9) and lse.dtype == torch.float32
-        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, None, None, None, None, None,
-                                                       out, lse, False, 0.125, 0.0, None, None, "torch")
+        grads = torch.ops.prefix_kernels.attention_bwd(out, None, q, k, k, pk, pk, None, out, lse, False, 0.125,
+                                                       "torch", *NO_FEATURES.op_args())
         assert [tuple(g.shape) for g in grads] == [(2, 8, 9, 64), (2, 2, 11, 64), (2, 2, 11, 64), (2, 5, 64),
                                                    (2, 5, 64)]
 
@@ -109,8 +110,8 @@ def test_compile_fullgraph_inductor_auto_backend():
 
 
 def test_constant_marker_matches_torch():
-    """backends._assume_constant_result mirrors torch.compiler.assume_constant_result."""
-    from prefix_kernels import backends
+    """dispatch.assume_constant_result mirrors torch.compiler.assume_constant_result."""
+    from prefix_kernels.ops import dispatch
 
     def probe():
         return 0
@@ -118,7 +119,7 @@ def test_constant_marker_matches_torch():
     marked = torch.compiler.assume_constant_result(probe)
     flags = {k: v for k, v in vars(marked).items() if k.startswith("_dynamo")}
     assert flags == {"_dynamo_marked_constant": True}
-    assert backends._select_name._dynamo_marked_constant is True
+    assert dispatch._select_name._dynamo_marked_constant is True
 
 
 def test_package_import_is_light():

@@ -1,13 +1,19 @@
 """The per-call path of prefix_attention: the eager inference shortcut past the custom op, the cached
-backend decision, and the visibility rule the torch backend and the reference share."""
+backend decision, the feature record every part reads, and the visibility rule the torch backend and the
+reference share."""
 
+import inspect
 import warnings
 
 import pytest
 import torch
 
 from prefix_kernels import backends, prefix_attention
+from prefix_kernels.ops import dispatch
+from prefix_kernels.ops.attention import backends as attention_backends
+from prefix_kernels.ops.attention import features as record
 from prefix_kernels.ops.attention import function
+from prefix_kernels.ops.attention.inputs import AttentionSpec
 from prefix_kernels.ops.attention.reference import visibility_mask
 from prefix_kernels.testing import make_inputs
 
@@ -38,8 +44,8 @@ def test_eager_inference_skips_the_custom_op_and_matches_it(op_calls):
     with torch.no_grad():
         fast = prefix_attention(*args, **kw, return_lse=True, backend="torch")
     assert op_calls == []
-    through_op = function.attention_fwd(*args, kw["key_padding_mask"], None, None, None, None, None, True,
-                                        16**-0.5, 0.0, None, None, "torch", True)
+    through_op = function.attention_fwd(*args, kw["key_padding_mask"], True, 16**-0.5, "torch", True,
+                                        *record.NO_FEATURES.op_args())
     torch.testing.assert_close(fast, through_op, rtol=0, atol=0)
 
 
@@ -83,9 +89,10 @@ def test_compile_fullgraph_in_inference():
 
 def test_backend_decision_is_cached_and_follows_the_environment(monkeypatch):
     args, _ = _args()
-    backends._decisions.clear()
+    decisions = attention_backends.DISPATCHER._decisions
+    decisions.clear()
     assert backends.select(_spec(args), "auto").name == backends.select(_spec(args), "auto").name
-    assert len(backends._decisions) == 1
+    assert len(decisions) == 1
     monkeypatch.setenv(backends.ENV_VAR, "torch")
     assert backends.select(_spec(args), "auto").name == "torch"
     monkeypatch.setenv(backends.ENV_VAR, "no-such-backend")
@@ -93,32 +100,106 @@ def test_backend_decision_is_cached_and_follows_the_environment(monkeypatch):
         backends.select(_spec(args), "auto")
 
 
+class _Picky(dispatch.Backend):
+    name = "picky"
+
+    def input_reasons(self, spec):
+        return ["it refuses everything"]
+
+
+class _Any(dispatch.Backend):
+    name = "any"
+
+
 def test_cached_fallback_warns_again_after_the_warning_set_is_cleared():
-    # A backend ahead of torch that refuses this input: auto skips it with a warning, every time the
+    # A backend ahead of another that refuses this input: auto skips it with a warning, every time the
     # warning set is fresh, whether or not the decision came from the cache.
-    backends.register(backends.Backend(name="picky", description="test", device_reasons=lambda d: [],
-                                       input_reasons=lambda s: ["it refuses everything"], lse_for_backward=True,
-                                       _impl=lambda: None))
-    order = backends.PREFERENCE
-    try:
-        backends.PREFERENCE = ("picky", "torch")
-        args, _ = _args()
-        for _ in range(2):
-            backends._warned.clear()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                assert backends.select(_spec(args), "auto").name == "torch"
-            assert any("'picky' because it refuses everything" in str(w.message) for w in caught)
-    finally:
-        backends.PREFERENCE = order
-        backends._REGISTRY.pop("picky")
-        backends._decisions.clear()
+    op = dispatch.Dispatcher("test op", AttentionSpec, ("PREFIX_KERNELS_TEST_BACKEND",))
+    op.register(_Picky())
+    op.register(_Any())
+    args, _ = _args()
+    for _ in range(2):
+        dispatch.forget_warnings()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert op.select(_spec(args), "auto").name == "any"
+        assert any("test op: using the 'any' backend; skipped 'picky' because it refuses everything"
+                   in str(w.message) for w in caught)
+    assert len(op._decisions) == 1
+    with pytest.raises(dispatch.BackendUnavailableError, match="backend 'picky' .* cannot serve this input:\n"
+                                                               "  - it refuses everything"):
+        op.select(_spec(args), "picky")
+    # "cuda" is a backend of the attention op, not of this one.
+    with pytest.raises(dispatch.BackendUnavailableError, match="'cuda' .* has no kernel; this op's backends are "
+                                                               "\\['picky', 'any'\\]"):
+        op.select(_spec(args), "cuda")
+    op.unregister("picky")
+    assert op.names() == ["any"]
 
 
 def _spec(args):
     from prefix_kernels.ops.attention import check_inputs
 
-    return check_inputs(*args, causal=True)
+    spec, _ = check_inputs(*args, causal=True)
+    return spec
+
+
+def test_every_public_option_is_a_documented_keyword():
+    """The signatures of prefix_attention and the reference name every public option of the record, and the
+    docstring documents each one."""
+    names = [o.name for o in record.PUBLIC]
+    for fn in (prefix_attention, record_reference()):
+        params = inspect.signature(fn).parameters
+        assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in names)
+    for name in names:
+        assert f"\n        {name}" in prefix_attention.__doc__ or f", {name}:" in prefix_attention.__doc__, name
+    args, _ = _args()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'softcapp'"):
+        prefix_attention(*args, softcapp=3.0)
+
+
+def record_reference():
+    from prefix_kernels.ops.attention.reference import prefix_attention_ref
+
+    return prefix_attention_ref
+
+
+def test_features_pack_into_the_custom_ops_and_back():
+    """The record gives the custom ops' schemas, and Features travel through them in its order."""
+    schema = str(function.attention_fwd._opoverload._schema)
+    for o in record.OPTIONS:
+        assert f"{o.schema} {o.name}" in schema
+    f = record.Features(alibi_slopes=torch.ones(2), dropout_p=0.25, sliding_window=3, prefix_index=torch.zeros(1))
+    back = record.Features.from_op_args(f.op_args())
+    assert back.dropout_p == 0.25 and back.sliding_window == 3 and back.alibi_slopes is f.alibi_slopes
+    assert back.active == ("alibi", "dropout", "sliding_window", "prefix_bank")
+    assert back.scores == ("alibi", "dropout", "sliding_window")
+    assert back.without_prefix().active == ("alibi", "dropout", "sliding_window")
+    assert back.drawn(torch.device("cpu")).dropout_seed.dtype == torch.int64
+    assert record.NO_FEATURES.drawn(torch.device("cpu")).dropout_seed is None
+
+
+def test_triton_kernels_take_the_feature_arguments_in_the_records_order():
+    """The launchers pass the feature pointers positionally in the record's order, and scalars and flags by
+    name: each kernel's feature pointers must sit together in that order, and every flag it has must be one a
+    feature or the launcher sets."""
+    from prefix_kernels.ops.attention import triton_kernels as kern
+
+    order = [o.pointer[0] for o in record.OPTIONS if o.pointer]
+    launched = {"IS_CAUSAL", "HAS_KPM", "STORE_LSE", "HAS_DLSE", *record.KERNEL_FLAGS}
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_prefix_dkdv_kernel"):
+        args = getattr(kern, name).arg_names
+        taken = [a for a in args if a in order]
+        assert taken == [p for p in order if p in taken], name
+        first = args.index(taken[0])
+        assert args[first:first + len(taken)] == taken, name
+        assert {a for a in args if a.startswith("HAS_") or a.startswith("IS_")} <= launched, name
+    pointers, scalars, flags = record.Features(softcap=2.0, prefix_lengths=torch.ones(1)).kernel_args(
+        kern._attn_bwd_prefix_dkdv_kernel, torch.zeros(1))
+    assert [p.shape for p in pointers] == [(1,), (1,), (1,)] and pointers[2] is not pointers[0]
+    assert scalars == {"softcap": 2.0, "dropout_p": 0.0}
+    assert flags == {"HAS_ALIBI": False, "HAS_DROPOUT": False, "HAS_SOFTCAP": True, "HAS_INDEX": False,
+                     "HAS_LENGTHS": True}
 
 
 def _brute_force(len_q, len_k, P, causal, kpm, window):

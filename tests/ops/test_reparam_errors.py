@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from prefix_kernels import BackendUnavailableError, PrefixEncoder, backends
+from prefix_kernels.ops import dispatch
 from prefix_kernels.ops.attention.triton_impl import is_interpreting
+from prefix_kernels.ops.reparam import backends as reparam_select
 from prefix_kernels.ops.reparam import project_prefix, select_backend
-from prefix_kernels.ops.reparam import selection as reparam_select
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -133,7 +134,7 @@ def test_explicit_triton_lists_its_reasons():
 @pytest.mark.skipif(not (HAS_CUDA or is_interpreting()), reason="needs triton to run here")
 def test_auto_falls_back_with_a_stated_reason():
     params = [p.double() for p in _params()]
-    backends._warned.clear()
+    dispatch.forget_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = project_prefix(*params, **SIZES)
@@ -160,7 +161,6 @@ def test_environment_variables(monkeypatch):
     # A backend the attention op has but this op lacks is an explicit request it cannot serve.
     monkeypatch.delenv(reparam_select.ENV_VAR)
     monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    monkeypatch.setattr(backends, "names", lambda: ["cuda", "triton", "torch"])
     with pytest.raises(BackendUnavailableError, match="'cuda' .* has no reparameterization kernel"):
         select_backend(*params, **SIZES)
     monkeypatch.setenv(reparam_select.ENV_VAR, "torch")

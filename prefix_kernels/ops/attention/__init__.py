@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from ... import backends
-from .inputs import AttentionSpec, Features, check_inputs
+from . import backends
+from .features import Features, draw_dropout_seed, with_options
+from .inputs import AttentionSpec, check_inputs
 from .reference import prefix_attention_ref
 
-__all__ = ["AttentionSpec", "check_inputs", "draw_dropout_seed", "dropout_keep_mask", "prefix_attention",
+__all__ = ["AttentionSpec", "Features", "check_inputs", "draw_dropout_seed", "dropout_keep_mask", "prefix_attention",
            "prefix_attention_ref", "select_backend"]
 
 
 def select_backend(q, k, v, prefix_k=None, prefix_v=None, *, backend="auto", **options) -> str:
     """The name of the backend that ``prefix_attention`` would use for these arguments (same keywords)."""
-    return backends.select(check_inputs(q, k, v, prefix_k, prefix_v, **options), backend).name
-
-
-def draw_dropout_seed(device: torch.device) -> torch.Tensor:
-    """The int64 seed of one dropout call, drawn from the device's default generator (so torch.manual_seed
-    makes runs repeatable, and torch.compile / CUDA graphs see an ordinary random op, no host sync)."""
-    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
+    spec, _ = check_inputs(q, k, v, prefix_k, prefix_v, **options)
+    return backends.select(spec, backend).name
 
 
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads_q: int, len_q: int, n_cols: int, dropout_p: float,
@@ -30,6 +26,7 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads_q: int, len_q: int, 
                                                           seed.device)
 
 
+@with_options
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,15 +37,9 @@ def prefix_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    alibi_offsets: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    prefix_index: torch.Tensor | None = None,
-    prefix_lengths: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    **options,
 ):
     """Attention over ``[prefix ; input]`` keys as one softmax, without concatenating them.
 
@@ -85,8 +76,10 @@ def prefix_attention(
             not part of the sequence the window slides over).
         softcap: c > 0: logits become ``c * tanh(scale * q.k / c)`` (Gemma 2); ALiBi is added after.
         return_lse: also return ``lse [B, Hq, Lq]`` (float32, natural log); it is differentiable.
-        backend: "auto" (cuda > triton > torch; ``PREFIX_KERNELS_BACKEND`` overrides), or a name. A
-            named backend that cannot serve the input raises with every reason.
+        backend: "auto" (triton > cuda > torch; ``PREFIX_KERNELS_BACKEND`` overrides), or a name. A
+            named backend that cannot serve the input raises with every reason. Until a GPU has measured
+            both, "auto" prefers the Triton kernels, which serve every feature; the CUDA kernels serve when
+            asked for by name.
 
     Returns:
         ``out [B, Hq, Lq, D]`` in q's dtype and memory layout, or ``(out, lse)`` with return_lse.
@@ -94,32 +87,28 @@ def prefix_attention(
     A row that sees no key at all (P = 0 and every input key masked, or causal with Lq > Lk and no
     prefix) gets ``out = 0`` and ``lse = -inf``, and zero gradients: never NaN.
     """
-    spec = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
-                        softmax_scale=softmax_scale, alibi_slopes=alibi_slopes, alibi_offsets=alibi_offsets,
-                        dropout_p=dropout_p, sliding_window=sliding_window, softcap=softcap,
-                        prefix_index=prefix_index, prefix_lengths=prefix_lengths)
+    spec, features = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
+                                  softmax_scale=softmax_scale, **options)
     chosen = backends.select(spec, backend)
     grads_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, prefix_k, prefix_v)
     )
     need_lse = bool(return_lse) or (grads_wanted and chosen.lse_for_backward)
     if prefix_k is not None and prefix_k.shape[-2] == 0:
-        prefix_k = prefix_v = prefix_index = prefix_lengths = None
-    seed = draw_dropout_seed(q.device) if spec.dropout_p > 0 else None
+        prefix_k = prefix_v = None
+        features = features.without_prefix()
+    features = features.drawn(q.device)  # the dropout seed
     if not grads_wanted and _plain_eager(q, k, v, prefix_k, prefix_v):
         # Inference in eager mode (a decode loop calls this once per layer per token): the backend directly.
         # The custom op's dispatch costs about 0.1 ms of Python per call, as much as a small decode step's
         # attention; it buys nothing here, since no autograd graph is built and nothing traces the call.
         out, lse = chosen.impl().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale,
-                                         need_lse, Features(alibi_slopes, alibi_offsets, spec.dropout_p, seed,
-                                                            spec.sliding_window, spec.softcap, prefix_index,
-                                                            prefix_lengths))
+                                         need_lse, features)
     else:
         from .function import attention_fwd
 
-        out, lse = attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, seed,
-                                 prefix_index, prefix_lengths, causal, spec.softmax_scale, spec.dropout_p,
-                                 spec.sliding_window, spec.softcap, chosen.name, need_lse)
+        out, lse = attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale,
+                                 chosen.name, need_lse, *features.op_args())
     return (out, lse) if return_lse else out
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
+from .features import FEATURES
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # csrc/kernels/plan.h kMaxHeadDim (tests/build checks the two agree)
 HEAD_DIM_MULTIPLE = 8  # rows are moved as 16-byte vectors
+SUPPORTED_FEATURES = frozenset()  # names of features.FEATURES the kernels implement
 
 
 def _ops():
@@ -27,23 +29,13 @@ def _ops():
 
 
 def active_features(features) -> list[str]:
-    """Names of the optional features switched on in a backend call's ``features`` (None: none). The
-    kernels implement none of them yet (ALiBi, dropout, sliding window, softcap): the registry declines
-    such inputs with that reason, and these functions refuse them."""
+    """Names of the optional features switched on in a backend call's ``features`` (None: none); any object
+    with some of the record's attributes will do. The kernels implement none of them yet: the dispatcher
+    declines such inputs with that reason, and these functions refuse them."""
     if features is None:
         return []
-    active = []
-    if getattr(features, "alibi_slopes", None) is not None:
-        active.append("alibi")
-    if getattr(features, "dropout_p", 0.0):
-        active.append("dropout")
-    if getattr(features, "sliding_window", None) is not None:
-        active.append("sliding_window")
-    if getattr(features, "softcap", None) is not None:
-        active.append("softcap")
-    if getattr(features, "prefix_index", None) is not None or getattr(features, "prefix_lengths", None) is not None:
-        active.append("prefix_bank")
-    return active
+    return [f.name for f in FEATURES if f.name not in SUPPORTED_FEATURES
+            and any(o.is_on(getattr(features, o.name, o.off)) for o in f.options)]
 
 
 def _no_features(features) -> None:
@@ -54,7 +46,7 @@ def _no_features(features) -> None:
 
 def _single(prefix):
     """A bank of one prefix [1, Hkv, P, D] without an index is that prefix [Hkv, P, D] (a view); larger
-    banks are declined by the registry before they get here."""
+    banks are declined by the dispatcher before they get here."""
     if prefix is not None and prefix.dim() == 4:
         if prefix.shape[0] != 1:
             raise NotImplementedError("the cuda backend does not support prefix banks of more than one prefix yet")

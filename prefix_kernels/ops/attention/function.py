@@ -12,89 +12,60 @@ transposed view of ``[B, L, H, D]``, so the output is already in the layout the 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from ... import backends
-from .inputs import Features
+from . import backends
+from .features import OPTIONS, SCHEMA, Features
+
+# The optional inputs travel as the record's options, in its order, after the fixed arguments (a schema cannot
+# take a dataclass): the schemas below are generated from the record, and Features.op_args / from_op_args pack
+# and unpack them.
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? key_padding_mask, "
+               f"bool causal, float softmax_scale, str backend, bool need_lse, {SCHEMA}) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
+               "Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float softmax_scale, str backend, "
+               f"{SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_FWD_FIXED = 10  # arguments before the options
+_TENSOR_OPTIONS = tuple(i for i, o in enumerate(OPTIONS) if o.is_tensor)
 
 
-@torch.library.custom_op("prefix_kernels::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    key_padding_mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    alibi_offsets: Tensor | None,
-    dropout_seed: Tensor | None,
-    prefix_index: Tensor | None,
-    prefix_lengths: Tensor | None,
-    causal: bool,
-    softmax_scale: float,
-    dropout_p: float,
-    sliding_window: int | None,
-    softcap: float | None,
-    backend: str,
-    need_lse: bool,
-) -> tuple[Tensor, Tensor]:
+def _attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend, need_lse,
+                   *options):
     """Returns (out [B, Hq, Lq, D] like q, lse [B, Hq, Lq] fp32, or [B, Hq, 0] when not need_lse)."""
     impl = backends.get(backend).impl()
-    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap,
-                        prefix_index, prefix_lengths)
-    return impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, need_lse, features)
+    return impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, need_lse,
+                        Features.from_op_args(options))
+
+
+attention_fwd = torch.library.custom_op("prefix_kernels::attention_fwd", _attention_fwd, mutates_args=(),
+                                        schema=_FWD_SCHEMA)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
-                        prefix_index, prefix_lengths, causal, softmax_scale, dropout_p, sliding_window, softcap,
-                        backend, need_lse):
+def _attention_fwd_fake(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend, need_lse,
+                        *options):
     B, Hq, Lq, _ = q.shape
     lse = q.new_empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32)
     return torch.empty_like(q), lse
 
 
-@torch.library.custom_op("prefix_kernels::attention_bwd", mutates_args=())
-def attention_bwd(
-    dout: Tensor,
-    dlse: Tensor | None,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prefix_k: Tensor | None,
-    prefix_v: Tensor | None,
-    key_padding_mask: Tensor | None,
-    alibi_slopes: Tensor | None,
-    alibi_offsets: Tensor | None,
-    dropout_seed: Tensor | None,
-    prefix_index: Tensor | None,
-    prefix_lengths: Tensor | None,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    softmax_scale: float,
-    dropout_p: float,
-    sliding_window: int | None,
-    softcap: float | None,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale,
+                   backend, *options):
     """Returns (dq, dk, dv, dprefix_k, dprefix_v); the prefix gradients are empty [0] when P = 0."""
     impl = backends.get(backend).impl()
-    features = Features(alibi_slopes, alibi_offsets, dropout_p, dropout_seed, sliding_window, softcap,
-                        prefix_index, prefix_lengths)
-    dq, dk, dv, dpk, dpv = impl.backward(
-        dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale, features
-    )
+    dq, dk, dv, dpk, dpv = impl.backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal,
+                                         softmax_scale, Features.from_op_args(options))
     if dpk is None:
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     return dq, dk, dv, dpk, dpv
 
 
+attention_bwd = torch.library.custom_op("prefix_kernels::attention_bwd", _attention_bwd, mutates_args=(),
+                                        schema=_BWD_SCHEMA)
+
+
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets,
-                        dropout_seed, prefix_index, prefix_lengths, out, lse, causal, softmax_scale, dropout_p,
-                        sliding_window, softcap, backend):
+def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, softmax_scale,
+                        backend, *options):
     if prefix_k is None:
         dpk, dpv = q.new_empty((0,)), q.new_empty((0,))
     else:
@@ -103,26 +74,35 @@ def _attention_bwd_fake(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mas
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed, prefix_index,
-     prefix_lengths, causal, softmax_scale, dropout_p, sliding_window, softcap, backend, need_lse) = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, softmax_scale, backend, _need_lse = inputs[:_FWD_FIXED]
+    options = list(inputs[_FWD_FIXED:])
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, alibi_slopes, alibi_offsets, dropout_seed,
-                          prefix_index, prefix_lengths, out, lse)
-    ctx.args = (causal, softmax_scale, dropout_p, sliding_window, softcap, backend)
+    # Tensors are saved through save_for_backward, the scalar options on ctx.
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+                          *(options[i] for i in _TENSOR_OPTIONS))
+    for i in _TENSOR_OPTIONS:
+        options[i] = None
+    ctx.options = options
+    ctx.args = (causal, softmax_scale, backend)
     ctx.has_prefix = prefix_k is not None
     # An unused LSE then arrives as None rather than a tensor of zeros (no dLSE pass in the kernels).
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, *saved = ctx.saved_tensors
     if dout is None:  # only the LSE was used
-        dout = torch.zeros_like(ctx.saved_tensors[-2])
+        dout = torch.zeros_like(out)
     if dlse is not None and dlse.numel() == 0:
         dlse = None
-    dq, dk, dv, dpk, dpv = attention_bwd(dout, dlse, *ctx.saved_tensors, *ctx.args)
+    options = list(ctx.options)
+    for i, t in zip(_TENSOR_OPTIONS, saved, strict=True):
+        options[i] = t
+    dq, dk, dv, dpk, dpv = attention_bwd(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+                                         *ctx.args, *options)
     if not ctx.has_prefix:
         dpk = dpv = None
-    return (dq, dk, dv, dpk, dpv) + (None,) * 13
+    return (dq, dk, dv, dpk, dpv) + (None,) * (_FWD_FIXED - 5 + len(OPTIONS))
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

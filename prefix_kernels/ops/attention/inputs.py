@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .features import NO_FEATURES, CheckContext, Features
+from .features import check as check_features
+
+__all__ = ["NO_FEATURES", "AttentionSpec", "Features", "TensorMemo", "check_inputs"]
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -33,26 +38,7 @@ class AttentionSpec:
     has_padding_mask: bool
     softmax_scale: float
     prefix_count: int = 0  # N: prefixes in the bank (1 for a single shared prefix, 0 without)
-    has_prefix_index: bool = False
-    has_prefix_lengths: bool = False
-    has_alibi: bool = False
-    dropout_p: float = 0.0
-    sliding_window: int | None = None
-    softcap: float | None = None
-
-    @property
-    def features(self) -> list[str]:
-        """Names of the optional features in use (ALiBi, dropout, sliding window, softcap)."""
-        names = []
-        if self.has_alibi:
-            names.append("alibi")
-        if self.dropout_p > 0:
-            names.append("dropout")
-        if self.sliding_window is not None:
-            names.append("sliding_window")
-        if self.softcap is not None:
-            names.append("softcap")
-        return names
+    features: tuple[str, ...] = ()  # the optional features in use (names of features.FEATURES)
 
     @property
     def group(self) -> int:
@@ -122,28 +108,6 @@ def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> No
     _checked.put(name, t, True, (lo, hi))
 
 
-def _check_prefix_selection(prefix_k, prefix_index, prefix_lengths, B, P, n_prefixes, device) -> None:
-    if prefix_k is not None and prefix_k.dim() == 4 and prefix_index is None:
-        raise ValueError("a prefix bank [N, kv_heads, P, head_dim] needs prefix_index [batch] choosing each row's "
-                         "prefix (-1 for none)")
-    for name, t, size in (("prefix_index", prefix_index, B), ("prefix_lengths", prefix_lengths, n_prefixes)):
-        if t is None:
-            continue
-        _require_tensor(name, t)
-        if prefix_k is None:
-            raise ValueError(f"{name} was given without a prefix")
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-        if tuple(t.shape) != (size,):
-            raise ValueError(f"{name} must have shape ({size},), got {_shape(t)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    if prefix_index is not None:
-        _check_values("prefix_index", prefix_index, -1, n_prefixes - 1, f"-1 or a prefix of the bank of {n_prefixes}")
-    if prefix_lengths is not None:
-        _check_values("prefix_lengths", prefix_lengths, 0, P, f"prefix lengths, at most P={P}")
-
-
 def check_inputs(
     q,
     k,
@@ -154,22 +118,17 @@ def check_inputs(
     causal=False,
     key_padding_mask=None,
     softmax_scale=None,
-    alibi_slopes=None,
-    alibi_offsets=None,
-    dropout_p=0.0,
-    sliding_window=None,
-    softcap=None,
-    prefix_index=None,
-    prefix_lengths=None,
-) -> AttentionSpec:
-    """Check a prefix-attention call against the contract and return its :class:`AttentionSpec`.
+    **options,
+) -> tuple[AttentionSpec, Features]:
+    """Check a prefix-attention call against the contract; return its :class:`AttentionSpec` and its
+    :class:`~.features.Features` (the optional inputs, each checked by its entry of the feature record).
 
     Shapes: q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]``; prefix_k, prefix_v ``[Hkv, P, D]``;
     key_padding_mask ``[B, Lk]`` bool (True = attend). Any strides are accepted. A prefix bank
     ``[N, Hkv, P, D]`` needs prefix_index ``[B]`` int in [-1, N) (-1: no prefix for that row);
     prefix_lengths ``[N]`` int in [0, P] gives each prefix's length (the tail columns are masked).
-    alibi_slopes ``[Hq]`` float32; alibi_offsets ``[B]`` integer (needs alibi_slopes); dropout_p in
-    [0, 1); sliding_window an int >= 1 (needs causal); softcap a float > 0.
+    ``options``: the optional features, by their names in the record of ``features.py``, whose entries say
+    what each accepts; an unknown name is a TypeError.
     """
     q = _require_tensor("q", q)
     k = _require_tensor("k", k)
@@ -229,7 +188,9 @@ def check_inputs(
         n_prefixes = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
         if n_prefixes < 1:
             raise ValueError(f"the prefix bank is empty: prefix_k has shape {_shape(prefix_k)}")
-    _check_prefix_selection(prefix_k, prefix_index, prefix_lengths, B, P, n_prefixes, q.device)
+    if prefix_k is not None and prefix_k.dim() == 4 and options.get("prefix_index") is None:
+        raise ValueError("a prefix bank [N, kv_heads, P, head_dim] needs prefix_index [batch] choosing each row's "
+                         "prefix (-1 for none)")
 
     if key_padding_mask is not None:
         _require_tensor("key_padding_mask", key_padding_mask)
@@ -257,45 +218,11 @@ def check_inputs(
         if not math.isfinite(scale):
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
 
-    if alibi_slopes is not None:
-        _require_tensor("alibi_slopes", alibi_slopes)
-        if alibi_slopes.dtype != torch.float32:
-            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-        if tuple(alibi_slopes.shape) != (Hq,):
-            raise ValueError(f"alibi_slopes must have shape (Hq={Hq},), one slope per query head, "
-                             f"got {_shape(alibi_slopes)}")
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
-    if alibi_offsets is not None:
-        _require_tensor("alibi_offsets", alibi_offsets)
-        if alibi_slopes is None:
-            raise ValueError("alibi_offsets was given without alibi_slopes")
-        if alibi_offsets.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"alibi_offsets must be int32 or int64, got {alibi_offsets.dtype}")
-        if tuple(alibi_offsets.shape) != (B,):
-            raise ValueError(f"alibi_offsets must have shape (batch={B},), got {_shape(alibi_offsets)}")
-        if alibi_offsets.device != q.device:
-            raise ValueError(f"alibi_offsets is on {alibi_offsets.device} but q is on {q.device}")
-
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-    if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
-            raise TypeError(f"sliding_window must be an int or None, got {type(sliding_window).__name__}")
-        if sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1 (keys seen per query), got {sliding_window}")
-        if not causal:
-            raise ValueError("sliding_window needs causal=True (a window below the diagonal, as in Mistral)")
-
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
-        if not (math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"softcap must be a finite float > 0, got {softcap}")
-
+    features = NO_FEATURES
+    if options:
+        features = check_features(CheckContext(batch=B, heads_q=Hq, prefix_len=P, n_prefixes=n_prefixes,
+                                               device=q.device, causal=causal, has_prefix=prefix_k is not None,
+                                               given=options, check_values=_check_values))
     return AttentionSpec(
         batch=B,
         heads_q=Hq,
@@ -310,35 +237,5 @@ def check_inputs(
         has_padding_mask=key_padding_mask is not None,
         softmax_scale=scale,
         prefix_count=n_prefixes,
-        has_prefix_index=prefix_index is not None,
-        has_prefix_lengths=prefix_lengths is not None,
-        has_alibi=alibi_slopes is not None,
-        dropout_p=float(dropout_p),
-        sliding_window=sliding_window,
-        softcap=None if softcap is None else float(softcap),
-    )
-
-
-@dataclass(frozen=True)
-class Features:
-    """The optional parts of one call, as handed to a backend's forward and backward (all off by default).
-
-    alibi_slopes ``[Hq]`` fp32 and alibi_offsets ``[B]`` int: the logit of key column c gets
-    ``+ slope[h] * position``, with prefix column p at position p and input key j at
-    ``P_b + j + alibi_offsets[b]`` (offset 0 when None; P_b is the row's prefix length). dropout_seed
-    is an int64 scalar tensor on the inputs' device from which every kernel regenerates the same keep
-    mask. prefix_index ``[B]`` and prefix_lengths ``[N]`` select, per row, a prefix of a bank (backends
-    see every prefix as a bank ``[N, Hkv, P, D]``; a single shared prefix is a bank of one).
-    """
-
-    alibi_slopes: torch.Tensor | None = None
-    alibi_offsets: torch.Tensor | None = None
-    dropout_p: float = 0.0
-    dropout_seed: torch.Tensor | None = None
-    sliding_window: int | None = None
-    softcap: float | None = None
-    prefix_index: torch.Tensor | None = None
-    prefix_lengths: torch.Tensor | None = None
-
-
-NO_FEATURES = Features()
+        features=features.active,
+    ), features

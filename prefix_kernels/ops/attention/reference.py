@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .features import Features, with_options
+
 
 def visibility_mask(
     len_q: int,
@@ -104,6 +106,7 @@ def alibi_positions(batch: int, len_k: int, prefix_len: int, offsets: torch.Tens
     return cols + shift
 
 
+@with_options
 def prefix_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,15 +117,9 @@ def prefix_attention_ref(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     softmax_scale: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    alibi_offsets: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    dropout_p: float = 0.0,
     dropout_keep: torch.Tensor | None = None,
-    prefix_index: torch.Tensor | None = None,
-    prefix_lengths: torch.Tensor | None = None,
     upcast: bool = True,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference prefix attention. Returns ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq])``.
 
@@ -138,8 +135,10 @@ def prefix_attention_ref(
     (the probabilities of kept entries are divided by ``1 - dropout_p``, dropped ones are zero); the
     LSE is that of S, before dropout. A bank ``[N, Hkv, P, D]`` with ``prefix_index [B]`` (-1: none)
     and ``prefix_lengths [N]`` gives each row its own prefix; ALiBi positions of the input then start at
-    the row's prefix length.
+    the row's prefix length. ``options``: the optional features of ``prefix_attention`` (the record of
+    ``features.py``), unchecked.
     """
+    f = Features(**options)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -149,7 +148,7 @@ def prefix_attention_ref(
 
     prefix_visible = row_len = None
     if P > 0:
-        pk, pv, prefix_visible, row_len = prefix_rows(prefix_k, prefix_v, prefix_index, prefix_lengths, B)
+        pk, pv, prefix_visible, row_len = prefix_rows(prefix_k, prefix_v, f.prefix_index, f.prefix_lengths, B)
         k_all = torch.cat([pk, k], dim=2)
         v_all = torch.cat([pv, v], dim=2)
     else:
@@ -158,13 +157,13 @@ def prefix_attention_ref(
     v_all = v_all.to(cdt).repeat_interleave(G, dim=1)
 
     scores = torch.matmul(q.to(cdt), k_all.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    if alibi_slopes is not None:
-        scores = scores + alibi_slopes.to(cdt).view(1, Hq, 1, 1) * alibi_positions(
-            B, Lk, P, alibi_offsets, q.device, row_len).to(cdt).view(B, 1, 1, P + Lk)
+    if f.softcap is not None:
+        scores = f.softcap * torch.tanh(scores / f.softcap)
+    if f.alibi_slopes is not None:
+        scores = scores + f.alibi_slopes.to(cdt).view(1, Hq, 1, 1) * alibi_positions(
+            B, Lk, P, f.alibi_offsets, q.device, row_len).to(cdt).view(B, 1, 1, P + Lk)
     visible = visibility_mask(Lq, Lk, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
-                              sliding_window=sliding_window, prefix_visible=prefix_visible)
+                              sliding_window=f.sliding_window, prefix_visible=prefix_visible)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     # The row max is only a shift for stability, so it is detached; rows that see no key keep a zero
@@ -179,6 +178,6 @@ def prefix_attention_ref(
     lse = lse.squeeze(-1).to(torch.float64 if cdt == torch.float64 else torch.float32)
     probs = probs / denom_safe
     if dropout_keep is not None:
-        probs = torch.where(dropout_keep, probs / (1.0 - dropout_p), torch.zeros_like(probs))
+        probs = torch.where(dropout_keep, probs / (1.0 - f.dropout_p), torch.zeros_like(probs))
     out = torch.matmul(probs, v_all)
     return out.to(q.dtype), lse

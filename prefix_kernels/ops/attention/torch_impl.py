@@ -100,8 +100,7 @@ class _Logits:
 
 
 def _is_plain(features: Features) -> bool:
-    return (features.alibi_slopes is None and features.dropout_p == 0 and features.sliding_window is None
-            and features.softcap is None)
+    return not features.scores  # no feature that changes the scores (a bank only chooses the keys)
 
 
 def _sdpa_serves(q: torch.Tensor, features: Features) -> bool:

@@ -8,19 +8,18 @@ The prefix gradient is reduced over the batch without atomics: each program of t
 sums a contiguous range of (batch row, query head) units into an fp32 partial, and the few partials
 are then added in a fixed order. Results are bitwise deterministic run to run, and the scratch is
 SPLITS copies of the prefix, with SPLITS chosen to fill the GPU and never more than B * group.
+
+Importing this module does not import Triton (the dispatcher reads its limits at package import); the
+kernels are imported on the first launch.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
-import triton
 
+from ..triton_utils import TileConfig, arch_of, cdiv, device_ctx, is_interpreting, next_power_of_2, precision, sm_count
 from . import tile_overrides
-from . import triton_kernels as kern
-from .inputs import NO_FEATURES, Features, TensorMemo
+from .inputs import NO_FEATURES, TensorMemo
 
 LOG2E = 1.4426950408889634
 
@@ -29,26 +28,6 @@ MAX_HEAD_DIM = 256
 MAX_HEAD_DIM_FP32 = 128  # fp32 (3xTF32) at D = 256 spills registers at every tile size: see kernel_report
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq")
 ARCHS = (80, 90)
-
-
-def is_interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    try:
-        from triton import knobs
-
-        return bool(knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # Triton < 3.4 has no knobs
-        import os
-
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_m: int  # query rows per tile
-    block_n: int  # key rows per tile
-    num_warps: int
-    num_stages: int
 
 
 # The shipped tiles: {kernel: {largest BLOCK_D served: (block_m, block_n, num_warps, num_stages)}}, per
@@ -106,15 +85,7 @@ _FEATURED_TILES = {
 
 def block_d(head_dim: int) -> int:
     """Head dim padded to the power of two the kernels tile with."""
-    return max(MIN_HEAD_DIM, triton.next_power_of_2(head_dim))
-
-
-def arch_of(device: torch.device) -> int:
-    """The tile table an architecture uses: 90 for sm_90 and newer, else 80."""
-    if device.type != "cuda":
-        return 90
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return max(MIN_HEAD_DIM, next_power_of_2(head_dim))
 
 
 def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None = None, arch: int = 90,
@@ -172,19 +143,8 @@ def shipped_configs():
     return rows
 
 
-def precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision. fp32 inputs use 3xTF32 (tensor cores, about fp32 accuracy): whoever
-    passes fp32 asked for fp32 accuracy, and plain fp32 FMA dots spill registers at any useful tile."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _upcast(dtype: torch.dtype) -> bool:
     return is_interpreting() and dtype == torch.bfloat16
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 _bounds_memo = TensorMemo()
@@ -214,12 +174,12 @@ def _padding_bounds(key_padding_mask: torch.Tensor | None, len_k: int):
     return mask_u8, lo, hi
 
 
-def _device_ctx(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
+def _kernels():
+    """The kernels module, imported on first launch (it loads triton.language; ``import prefix_kernels`` must
+    not, so that TRITON_INTERPRET can still be set after it)."""
+    from . import triton_kernels
 
-    return contextlib.nullcontext()
+    return triton_kernels
 
 
 def _as_bank(prefix: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
@@ -227,34 +187,6 @@ def _as_bank(prefix: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
     if prefix is None:
         return dummy
     return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
-
-
-def _feature_args(features: Features, q: torch.Tensor):
-    """(pointers, scalars, constexpr flags) that pass ``features`` to the kernels; unused pointers are q.
-    The optional features count as "featured" for the tile choice; the prefix selection does not."""
-    f = features
-    flags = {
-        "HAS_ALIBI": f.alibi_slopes is not None,
-        "HAS_ALIBI_OFF": f.alibi_offsets is not None,
-        "HAS_DROPOUT": f.dropout_p > 0,
-        "HAS_WINDOW": f.sliding_window is not None,
-        "HAS_SOFTCAP": f.softcap is not None,
-        "HAS_INDEX": f.prefix_index is not None,
-        "HAS_LENGTHS": f.prefix_lengths is not None,
-    }
-    ptrs = (
-        f.alibi_slopes if flags["HAS_ALIBI"] else q,
-        f.alibi_offsets if flags["HAS_ALIBI_OFF"] else q,
-        f.dropout_seed if flags["HAS_DROPOUT"] else q,
-        f.prefix_index if flags["HAS_INDEX"] else q,
-        f.prefix_lengths if flags["HAS_LENGTHS"] else q,
-    )
-    scalars = {"window": f.sliding_window or 0, "softcap": f.softcap or 1.0, "dropout_p": float(f.dropout_p)}
-    return ptrs, scalars, flags
-
-
-def _featured(flags: dict) -> bool:
-    return any(v for k, v in flags.items() if k not in ("HAS_INDEX", "HAS_LENGTHS"))
 
 
 def _common_constexprs(dtype: torch.dtype) -> dict:
@@ -268,15 +200,15 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     P = 0 if prefix_k is None else prefix_k.shape[-2]
     pk, pv = _as_bank(prefix_k, k), _as_bank(prefix_v, v)
     mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
-    fptrs, fscalars, fflags = _feature_args(features, q)
+    kern = _kernels()
+    fptrs, fscalars, fflags = features.kernel_args(kern._attn_fwd_kernel, q)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32, device=q.device)
-    featured = _featured(fflags)
-    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device), featured)
+    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device), bool(features.scores))
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
-    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
-    with _device_ctx(q):
+    grid = (cdiv(Lq, cfg.block_m), B * Hq)
+    with device_ctx(q):
         kern._attn_fwd_kernel[grid](
             q, k, v, pk, pv, m, kv_lo if has_kpm else q, kv_hi if has_kpm else q, *fptrs, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(),
@@ -293,9 +225,9 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads_q: int, len_q: int, 
                       device: torch.device) -> torch.Tensor:
     """The keep mask ``[B, Hq, Lq, P + Lk]`` bool that these kernels use for ``seed`` (debugging and tests)."""
     mask = torch.empty((batch, heads_q, len_q, n_cols), dtype=torch.uint8, device=device)
-    grid = (triton.cdiv(len_q, 32), triton.cdiv(n_cols, 32), batch * heads_q)
-    with _device_ctx(mask):
-        kern._dropout_mask_kernel[grid](seed, mask, len_q, n_cols, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    grid = (cdiv(len_q, 32), cdiv(n_cols, 32), batch * heads_q)
+    with device_ctx(mask):
+        _kernels()._dropout_mask_kernel[grid](seed, mask, len_q, n_cols, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 
 
@@ -303,8 +235,8 @@ def _prefix_splits(units: int, programs_per_split: int, device: torch.device) ->
     """How many partial sums the prefix gradient uses: enough programs to fill the GPU."""
     if device.type != "cuda":
         return min(2, units)  # the interpreter: two partials, so tests exercise the reduction
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(units, triton.cdiv(target, programs_per_split)))
+    target = 2 * sm_count(device)
+    return max(1, min(units, cdiv(target, programs_per_split)))
 
 
 def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
@@ -318,8 +250,9 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     consts = _common_constexprs(q.dtype)
     arch = arch_of(q.device)
     mask_u8, kv_lo, kv_hi = _padding_bounds(key_padding_mask, Lk)
-    fptrs, fscalars, fflags = _feature_args(features, q)
-    featured = _featured(fflags)
+    kern = _kernels()
+    fptrs, fscalars, fflags = features.kernel_args(kern._attn_bwd_dkdv_kernel, q)
+    featured = bool(features.scores)
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
     lo_ = kv_lo if has_kpm else q
@@ -333,15 +266,15 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    with _device_ctx(q):
+    with device_ctx(q):
         cfg = tile_config("bwd_preprocess", D, q.element_size(), arch=arch, featured=featured)
-        kern._attn_bwd_preprocess_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
+        kern._attn_bwd_preprocess_kernel[(cdiv(Lq, cfg.block_m), B * Hq)](
             out, dout, dlse_c, delta, *out.stride(), *dout.stride(), Hq, Lq, D,
             HAS_DLSE=has_dlse, BLOCK_M=cfg.block_m, BLOCK_D=bd,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         cfg = tile_config("bwd_dkdv", D, q.element_size(), arch=arch, featured=featured)
-        kern._attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hkv)](
+        kern._attn_bwd_dkdv_kernel[(cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, dout, lse, delta, m, lo_, hi_, *fptrs, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *m_strides, *dk.stride(), *dv.stride(),
             Hq, Hkv, Lq, Lk, P, D, G, *scales, **fscalars,
@@ -350,24 +283,26 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         )
         pk, pv = _as_bank(prefix_k, k), _as_bank(prefix_v, v)
         cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch, featured=featured)
-        kern._attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
-            q, k, v, pk, pv, dout, lse, delta, m, lo_, hi_, *fptrs, dq,
+        dq_kernel = kern._attn_bwd_dq_kernel
+        qptrs, qscalars, qflags = features.kernel_args(dq_kernel, q)
+        dq_kernel[(cdiv(Lq, cfg.block_m), B * Hq)](
+            q, k, v, pk, pv, dout, lse, delta, m, lo_, hi_, *qptrs, dq,
             *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(),
             *dout.stride(), *m_strides, *dq.stride(),
-            Hq, Lq, Lk, P, D, G, *scales, **fscalars,
-            IS_CAUSAL=causal, HAS_KPM=has_kpm, **fflags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
+            Hq, Lq, Lk, P, D, G, *scales, **qscalars,
+            IS_CAUSAL=causal, HAS_KPM=has_kpm, **qflags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
             **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if P == 0:
             return dq, dk, dv, None, None
         cfg = tile_config("bwd_prefix_dkdv", D, q.element_size(), arch=arch, featured=featured)
-        n_tiles = triton.cdiv(P, cfg.block_n)
+        n_tiles = cdiv(P, cfg.block_n)
         units = B * G
         splits = _prefix_splits(units, n_tiles * Hkv, q.device)
-        per_split = triton.cdiv(units, splits)
+        per_split = cdiv(units, splits)
         n_bank = pk.shape[0]
         if features.prefix_index is None:
-            items = triton.cdiv(units, per_split)
+            items = cdiv(units, per_split)
             rows = item_prefix = item_lo = item_hi = seg_off = q
         else:
             rows, item_prefix, item_lo, item_hi, seg_off = _bank_items(features.prefix_index, n_bank, G, per_split)
@@ -375,13 +310,12 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         dpk_part = torch.empty((items, Hkv, P, D), dtype=torch.float32, device=q.device)
         dpv_part = torch.empty_like(dpk_part)
         if items:
-            kern._attn_bwd_prefix_dkdv_kernel[(n_tiles, Hkv, items)](
-                q, pk, pv, dout, lse, delta, fptrs[0], fptrs[2], fptrs[4], rows, item_prefix, item_lo, item_hi,
-                dpk_part, dpv_part,
+            prefix_kernel = kern._attn_bwd_prefix_dkdv_kernel
+            pptrs, pscalars, pflags = features.kernel_args(prefix_kernel, q)
+            prefix_kernel[(n_tiles, Hkv, items)](
+                q, pk, pv, dout, lse, delta, *pptrs, rows, item_prefix, item_lo, item_hi, dpk_part, dpv_part,
                 *q.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
-                Hq, Hkv, Lq, Lk, P, D, G, units, per_split, *scales, fscalars["softcap"], fscalars["dropout_p"],
-                HAS_ALIBI=fflags["HAS_ALIBI"], HAS_DROPOUT=fflags["HAS_DROPOUT"], HAS_SOFTCAP=fflags["HAS_SOFTCAP"],
-                HAS_INDEX=fflags["HAS_INDEX"], HAS_LENGTHS=fflags["HAS_LENGTHS"],
+                Hq, Hkv, Lq, Lk, P, D, G, units, per_split, *scales, **pscalars, **pflags,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd,
                 **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
@@ -427,7 +361,7 @@ def _sum_segments(parts: torch.Tensor, seg_off: torch.Tensor, n_segments: int) -
     out = torch.empty((n_segments, *parts.shape[1:]), dtype=torch.float32, device=parts.device)
     n_elems = parts[0].numel() if parts.shape[0] else out[0].numel()
     block = 1024
-    with _device_ctx(out):
-        kern._sum_segments_kernel[(n_segments, triton.cdiv(n_elems, block))](parts, seg_off, out, n_elems,
+    with device_ctx(out):
+        _kernels()._sum_segments_kernel[(n_segments, cdiv(n_elems, block))](parts, seg_off, out, n_elems,
                                                                              BLOCK=block)
     return out

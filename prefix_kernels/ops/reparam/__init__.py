@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from . import backends
 from .inputs import PEFT_NAMES, ReparamSpec, check_config, check_params
 from .reference import project_prefix_ref, to_prefix_layout
-from .selection import select
 
 __all__ = ["ReparamSpec", "check_config", "check_params", "project_prefix", "project_prefix_ref", "select_backend",
            "to_prefix_layout"]
@@ -18,7 +18,7 @@ def select_backend(embedding, w1, b1, w2, b2, *, num_layers, num_kv_heads, head_
     """The name of the backend that ``project_prefix`` would use for these arguments."""
     spec = check_params(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
                         head_dim=head_dim, dtype=dtype)
-    return select(spec, backend)
+    return backends.select(spec, backend).name
 
 
 def project_prefix(
@@ -58,7 +58,7 @@ def project_prefix(
     """
     spec = check_params(embedding, w1, b1, w2, b2, num_layers=num_layers, num_kv_heads=num_kv_heads,
                         head_dim=head_dim, dtype=dtype, names=names)
-    chosen = select(spec, backend)
+    chosen = backends.select(spec, backend).name
     from .function import reparam_fwd
 
     out, _ = reparam_fwd(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, spec.compute_dtype, chosen)

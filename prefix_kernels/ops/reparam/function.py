@@ -12,17 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import backends
+
 
 def _impl(backend: str):
-    if backend == "triton":
-        from . import triton_impl
-
-        return triton_impl
-    if backend == "torch":
-        from . import torch_impl
-
-        return torch_impl
-    raise ValueError(f"unknown reparam backend {backend!r}")
+    return backends.get(backend).impl()
 
 
 @torch.library.custom_op("prefix_kernels::reparam_fwd", mutates_args=())

@@ -15,15 +15,9 @@ atomics, bitwise deterministic results.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
-import triton
-import triton.language as tl
 
-from ..attention.triton_impl import arch_of, is_interpreting
-from . import triton_kernels as kern
+from ..triton_utils import TileConfig, arch_of, cdiv, device_ctx, is_interpreting, precision, sm_count
 
 ARCHS = (80, 90)
 # (parameter dtype, compute dtype) pairs the kernels ship for: plain, and autocast over fp32 parameters.
@@ -37,25 +31,14 @@ DTYPE_PAIRS = (
 ROLES = ("fwd_hidden", "fwd_project", "bwd_dw2", "bwd_dh", "bwd_dz", "bwd_dw1", "bwd_demb")
 MAX_NUMEL = 2**31 - 1  # int32 offsets
 
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile of one role. For the mm roles: block_m rows (tokens) x block_n columns, block_k the
-    reduction step. For the weight gradients: block_m the rows of dW, block_n its columns, block_k
-    the step over tokens. The tanh gradient has no reduction (block_k unused)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# {role: (block_m, block_n, block_k, num_warps, num_stages)}, per architecture for half-precision compute;
-# fp32 compute runs its dots as 3xTF32 and takes smaller tiles, the same on both architectures.
+# {role: (block_m, block_n, block_k, num_warps, num_stages)}. For the mm roles: block_m rows (tokens) x
+# block_n columns, block_k the reduction step. For the weight gradients: block_m the rows of dW, block_n its
+# columns, block_k the step over tokens. The tanh gradient has no reduction (block_k unused).
+# Per architecture for half-precision compute; fp32 compute runs its dots as 3xTF32 and takes smaller tiles,
+# the same on both architectures.
 # fwd_project and bwd_dh stream W2, the one large tensor: their tiles are the ones that matter.
 _HALF_TILES = {
     90: {
@@ -88,7 +71,22 @@ _FP32_TILES = {
     "bwd_dw1": (64, 32, 32, 4, 2),
     "bwd_demb": (32, 64, 16, 4, 3),
 }
-_INTERPRET_TILE = TileConfig(16, 32, 16, 1, 1)
+_INTERPRET_TILE = TileConfig(16, 32, 1, 1, block_k=16)
+
+
+def _kernels():
+    """The kernels module, imported on first launch (it loads triton.language, which ``import prefix_kernels``
+    must not)."""
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The triton.language dtype of a torch dtype."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 def tile_config(role: str, compute_dtype: torch.dtype, arch: int = 90) -> TileConfig:
@@ -102,7 +100,8 @@ def tile_config(role: str, compute_dtype: torch.dtype, arch: int = 90) -> TileCo
     if is_interpreting():
         return _INTERPRET_TILE
     table = _FP32_TILES if compute_dtype == torch.float32 else _HALF_TILES[arch]
-    return TileConfig(*table[role])
+    block_m, block_n, block_k, num_warps, num_stages = table[role]
+    return TileConfig(block_m, block_n, num_warps, num_stages, block_k=block_k)
 
 
 def shipped_configs():
@@ -117,42 +116,23 @@ def shipped_configs():
     return rows
 
 
-def precision(compute_dtype: torch.dtype) -> str:
-    """tl.dot input precision: 3xTF32 for fp32 (about fp32 accuracy, on tensor cores), as for attention."""
-    return "tf32x3" if compute_dtype == torch.float32 else "tf32"
-
-
 def dot_dtype(compute_dtype: torch.dtype):
     """What tl.dot is fed: the compute dtype, or fp32 for bf16 in the interpreter (its bf16 dot is wrong)."""
     if is_interpreting() and compute_dtype == torch.bfloat16:
-        return tl.float32
-    return TL_DTYPES[compute_dtype]
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+        return tl_dtype(torch.float32)
+    return tl_dtype(compute_dtype)
 
 
 def _splits(tiles: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
     """(splits, K per split) for dH's reduction over N: enough programs to fill the GPU (two in the
     interpreter, so that tests exercise the reduction)."""
-    steps = triton.cdiv(k, block_k)
+    steps = cdiv(k, block_k)
     if device.type != "cuda":
         want = 2
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        want = triton.cdiv(2 * _sm_count(index), tiles)
-    per_split = triton.cdiv(steps, max(1, min(want, steps))) * block_k
-    return triton.cdiv(k, per_split), per_split
-
-
-def _device_ctx(t: torch.Tensor):
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
+        want = cdiv(2 * sm_count(device), tiles)
+    per_split = cdiv(steps, max(1, min(want, steps))) * block_k
+    return cdiv(k, per_split), per_split
 
 
 def _mm(role, a, b, bias, c, a_strides, b_strides, c_strides, M, N, K, *, a_split=None, c_split=None, splits=1,
@@ -160,14 +140,14 @@ def _mm(role, a, b, bias, c, a_strides, b_strides, c_strides, M, N, K, *, a_spli
     """Launch ``_reparam_mm_kernel``: a_strides (m, j, k), b_strides (k, n), c_strides (s, m, j, n); a_split /
     c_split: the head dim when A / C are in the prefix layout, else None."""
     cfg = tile_config(role, compute_dtype, arch)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), splits)
-    kern._reparam_mm_kernel[grid](
+    grid = (cdiv(M, cfg.block_m), cdiv(N, cfg.block_n), splits)
+    _kernels()._reparam_mm_kernel[grid](
         a, b, bias if bias is not None else c, c,
         *a_strides, *b_strides, *c_strides,
         M, N, K, a_split or 1, c_split or 1, K if k_per_split is None else k_per_split,
         A_LAYOUT=a_split is not None, C_LAYOUT=c_split is not None, HAS_BIAS=bias is not None, TANH=tanh,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        COMPUTE=TL_DTYPES[compute_dtype], DOT=dot_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+        COMPUTE=tl_dtype(compute_dtype), DOT=dot_dtype(compute_dtype), PRECISION=precision(compute_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -176,12 +156,12 @@ def _wgrad(role, g, x, dw, db, g_strides, x_strides, M, N, K, *, g_split=None, c
     """Launch ``_reparam_wgrad_kernel``: g_strides (m, j, n), x_strides (m, k); g_split: the head dim when G
     is in the prefix layout, else None."""
     cfg = tile_config(role, compute_dtype, arch)
-    grid = (triton.cdiv(N, cfg.block_m), triton.cdiv(K, cfg.block_n))
-    kern._reparam_wgrad_kernel[grid](
+    grid = (cdiv(N, cfg.block_m), cdiv(K, cfg.block_n))
+    _kernels()._reparam_wgrad_kernel[grid](
         g, x, dw, db, *g_strides, *x_strides, *dw.stride(),
         M, N, K, g_split or 1, G_LAYOUT=g_split is not None, HAS_BIAS=True,
         BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_M=cfg.block_k,
-        COMPUTE=TL_DTYPES[compute_dtype], DOT=dot_dtype(compute_dtype), PRECISION=precision(compute_dtype),
+        COMPUTE=tl_dtype(compute_dtype), DOT=dot_dtype(compute_dtype), PRECISION=precision(compute_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -196,7 +176,7 @@ def forward(embedding, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, compu
     b1, b2 = b1.contiguous(), b2.contiguous()
     hidden = torch.empty((P, H), dtype=cd, device=embedding.device)
     out = torch.empty((num_layers, 2, num_kv_heads, P, D), dtype=cd, device=embedding.device)
-    with _device_ctx(embedding):
+    with device_ctx(embedding):
         # H = tanh(E @ W1^T + b1): B[k=t, n=h] = W1[h, t].
         _mm("fwd_hidden", embedding, w1, b1, hidden, (embedding.stride(0), 0, embedding.stride(1)),
             (w1.stride(1), w1.stride(0)), (0, hidden.stride(0), 0, hidden.stride(1)), P, H, T, tanh=True,
@@ -223,20 +203,20 @@ def backward(dout, hidden, embedding, w1, w2, b1, b2, num_layers, num_kv_heads, 
     db1 = torch.empty(b1.shape, dtype=b1.dtype, device=dev)
     demb = torch.empty(embedding.shape, dtype=embedding.dtype, device=dev)
     dz = torch.empty((P, H), dtype=torch.float32, device=dev)
-    with _device_ctx(embedding):
+    with device_ctx(embedding):
         # dW2 = dY^T @ H, db2 = sum_p dY.
         _wgrad("bwd_dw2", dy, hidden, dw2, db2, dy_strides, hidden.stride(), P, N, H, g_split=D,
                compute_dtype=cd, arch=arch)
         # dH = dY @ W2 in fp32 partials over ranges of N.
         cfg = tile_config("bwd_dh", cd, arch)
-        tiles = triton.cdiv(P, cfg.block_m) * triton.cdiv(H, cfg.block_n)
+        tiles = cdiv(P, cfg.block_m) * cdiv(H, cfg.block_n)
         splits, per_split = _splits(tiles, N, cfg.block_k, dev)
         part = torch.empty((splits, P, H), dtype=torch.float32, device=dev)
         _mm("bwd_dh", dy, w2, None, part, dy_strides, w2.stride(), (P * H, H, 0, 1), P, H, N, a_split=D,
             splits=splits, k_per_split=per_split, compute_dtype=cd, arch=arch)
         # dZ = dH * (1 - H^2).
         cfg = tile_config("bwd_dz", cd, arch)
-        kern._reparam_tanh_grad_kernel[(triton.cdiv(P, cfg.block_m), triton.cdiv(H, cfg.block_n))](
+        _kernels()._reparam_tanh_grad_kernel[(cdiv(P, cfg.block_m), cdiv(H, cfg.block_n))](
             part, hidden.contiguous(), dz, P * H, P, H, splits,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -283,7 +263,7 @@ def tile_constexprs(role: str, compute_dtype: torch.dtype, cfg: TileConfig) -> d
     """The tile and dtype constexprs a launch of ``role`` passes (on a GPU, not the interpreter)."""
     if role == "bwd_dz":
         return {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-    dtypes = {"COMPUTE": TL_DTYPES[compute_dtype], "DOT": TL_DTYPES[compute_dtype],
+    dtypes = {"COMPUTE": tl_dtype(compute_dtype), "DOT": tl_dtype(compute_dtype),
               "PRECISION": precision(compute_dtype)}
     if role in ("bwd_dw2", "bwd_dw1"):
         return {"BLOCK_N": cfg.block_m, "BLOCK_K": cfg.block_n, "BLOCK_M": cfg.block_k} | dtypes
