@@ -119,6 +119,13 @@ def _use_cpu_flash(q: torch.Tensor, features: Features) -> bool:
             and _is_plain(features) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy whose last dim is unit-stride. PyTorch's fused CPU kernels allocate their output like q
+    and write it, and read ``out`` in the backward, as if that dim were contiguous whatever its stride (garbage
+    for a ``.transpose(-1, -2)`` view). Every other input layout, stride-0 expansions included, they read right."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, features):
     """Concatenated K/V repeated to Hq heads (the CPU kernels take no GQA), the additive mask, and the
     bool visibility mask (None when everything is visible)."""
@@ -154,8 +161,8 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     if need_lse and _use_cpu_flash(q, features):
         k_all, v_all, additive, visible = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
                                                               features)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_all, v_all, attn_mask=additive,
-                                                                             scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_unit_last(q), k_all, v_all,
+                                                                             attn_mask=additive, scale=scale)
         if visible is not None and not keys_always_visible:
             # The kernel reports 0 for a row that sees no key; the contract says -inf.
             lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
@@ -198,7 +205,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
                                                         features)
         lse_k = lse.masked_fill(torch.isneginf(lse), 0.0)  # back to the kernel's convention for empty rows
         dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k_all, v_all, out, lse_k, 0.0, False, attn_mask=additive, scale=scale)
+            dout, q, k_all, v_all, _unit_last(out), lse_k, 0.0, False, attn_mask=additive, scale=scale)
         n_all = P + Lk
         dk_all = dk_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dk_all
         dv_all = dv_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dv_all
