@@ -8,7 +8,7 @@ import torch
 
 from prefix_kernels import prefix_attention
 from prefix_kernels.ops.attention.reference import prefix_attention_ref
-from prefix_kernels.testing import TENSOR_NAMES, assert_parity, check_backend, make_inputs
+from prefix_kernels.testing import TENSOR_NAMES, assert_parity, check_backend, compare, make_inputs
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -89,3 +89,173 @@ def test_torch_backend_strided_q_output_only_and_lse_without_grad(layout):
     for got in (out, out2):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Non-finite inputs (torch backend). The rule: NaN/Inf in q, or in a key or value a query can see, propagates;
+# input keys masked by key_padding_mask are never read (NaN or Inf there changes no output and no gradient).
+
+# How the torch backend is reached: training through the fused CPU kernels (forward and backward), return_lse
+# without gradients (the fused forward), output only (SDPA), and training on the explicit fp32 path (softcap).
+MODES = ("train", "lse", "infer", "train-explicit")
+NONFINITE_MASKING = {"none": (None, False), "padding": ("right", False), "causal": (None, True),
+                     "causal+padding": ("right", True)}
+
+
+def _nonfinite_inputs(dtype, prefix: bool, padding=None) -> dict:
+    return make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=6, len_k=6, prefix_len=3 if prefix else 0,
+                       head_dim=16, dtype=dtype, padding=padding, seed=3)
+
+
+def _attend(fn, inputs: dict, mode: str, causal: bool, cast=lambda t: t) -> dict:
+    """out, lse (when the mode returns one) and, for training modes, the gradients of sum(out * dout)."""
+    train = mode.startswith("train")
+    leaves = {n: cast(inputs[n]).detach().requires_grad_(train) for n in TENSOR_NAMES if inputs[n] is not None}
+    args = [leaves.get(n) for n in TENSOR_NAMES]
+    kw = {"causal": causal, "key_padding_mask": inputs["key_padding_mask"]}
+    if mode == "train-explicit":
+        kw["softcap"] = 30.0
+    with torch.set_grad_enabled(train):
+        res = fn(args, kw, mode != "infer")
+    out, lse = res if isinstance(res, tuple) else (res, None)
+    result = {"out": out, "lse": lse}
+    if train:
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+        grads = torch.autograd.grad((out * dout).sum(), list(leaves.values()))
+        result.update({"d" + n: g for n, g in zip(leaves, grads, strict=True)})
+    return result
+
+
+def _ours(inputs, mode, causal):
+    def fn(args, kw, with_lse):
+        return prefix_attention(*args, return_lse=with_lse, backend="torch", **kw)
+
+    return _attend(fn, inputs, mode, causal)
+
+
+def _truth_and_baseline(inputs, mode, causal):
+    """The fp32 reference (fp64 for fp32 inputs) and the same math in the inputs' dtype."""
+    def ref(upcast):
+        return lambda args, kw, with_lse: prefix_attention_ref(*args, upcast=upcast, **kw)
+
+    truth_dtype = torch.float64 if inputs["q"].dtype == torch.float32 else torch.float32
+    truth = _attend(ref(True), inputs, mode, causal, cast=lambda t: t.to(truth_dtype))
+    base = _attend(ref(False), inputs, mode, causal)
+    return truth, base
+
+
+def _assert_close_on(name, ours, truth, base, where=None):
+    """The tolerance rule on the entries ``where`` selects (all of them by default); they must be finite."""
+    where = torch.ones(ours.shape, dtype=torch.bool) if where is None else where.expand(ours.shape)
+    x = ours.detach()[where]
+    assert torch.isfinite(x).all() or name == "lse", f"{name}: non-finite where the rule wants finite values"
+    factor = 2.0 if name in ("out", "lse") else 3.0
+    result = compare(name, x, truth.detach()[where], base.detach()[where], factor, 16)
+    assert result.ok, str(result)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "no-prefix"])
+@pytest.mark.parametrize("masking", sorted(NONFINITE_MASKING))
+@pytest.mark.parametrize("mode", MODES)
+def test_nonfinite_query_propagates(mode, masking, prefix, dtype, value):
+    """A NaN or Inf in one query (batch row 0, head 1, position 2) makes that query's output and LSE non-finite
+    (NaN for a NaN), as in the reference; every other output is untouched. Gradients: dq of that query is NaN, and
+    NaN reaches the K/V gradients of the kv head it reads (head 0 of row 0) and of its prefix; the other row, the
+    other kv head and every other query keep finite gradients that match the reference. (The fused CPU kernel
+    gave a NaN query out = 0 and lse = 0 when no mask was passed.)"""
+    padding, causal = NONFINITE_MASKING[masking]
+    inputs = _nonfinite_inputs(dtype, prefix, padding)
+    inputs["q"][0, 1, 2, 3] = float(value)
+    ours = _ours(inputs, mode, causal)
+    truth, base = _truth_and_baseline(inputs, mode, causal)
+    if mode == "train-explicit" and value == "inf":
+        # softcap saturates: c * tanh(inf) = c, so every logit is finite and so is the output (IEEE arithmetic).
+        assert torch.isfinite(truth["out"]).all()
+        _assert_close_on("out", ours["out"], truth["out"], base["out"])
+        return
+    bad_query = torch.zeros(2, 4, 6, dtype=torch.bool)
+    bad_query[0, 1, 2] = True
+    for name in ("out", "lse"):
+        if ours[name] is None:
+            continue
+        got, want = ours[name].detach(), truth[name].detach()
+        is_bad = torch.isnan(got) if value == "nan" else ~torch.isfinite(got)
+        if name == "out":
+            is_bad = is_bad.all(dim=-1)
+        assert torch.equal(is_bad, bad_query), f"{name}: non-finite at {is_bad.nonzero().tolist()}"
+        assert not torch.isfinite(want[0, 1, 2]).any(), "the reference propagates too"
+        _assert_close_on(name, got, want, base[name], ~bad_query[..., None] if name == "out" else ~bad_query)
+    if not mode.startswith("train"):
+        return
+    assert torch.isnan(ours["dq"][0, 1, 2]).all()
+    _assert_close_on("dq", ours["dq"], truth["dq"], base["dq"], ~bad_query[..., None])
+    kv_clean = torch.ones(2, 2, 1, 1, dtype=torch.bool)
+    kv_clean[0, 0] = False
+    for name in ("dk", "dv"):
+        assert torch.isnan(ours[name][0, 0]).any(), f"{name}: the bad query's keys got no NaN gradient"
+        _assert_close_on(name, ours[name], truth[name], base[name], kv_clean)
+    if prefix:
+        for name in ("dprefix_k", "dprefix_v"):
+            assert torch.isnan(ours[name][0]).any(), f"{name}: the bad query's prefix got no NaN gradient"
+            _assert_close_on(name, ours[name], truth[name], base[name], torch.tensor([False, True])[:, None, None])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("prefix", [True, False], ids=["prefix", "no-prefix"])
+@pytest.mark.parametrize("padding", ["random", "empty"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mode", MODES)
+def test_masked_keys_are_never_read(mode, causal, padding, prefix, dtype, value):
+    """NaN or Inf in every key and value that key_padding_mask drops changes no output, LSE or gradient: the
+    result equals the reference on the same inputs with finite values there, and the gradients of those keys are
+    zero ("empty": row 0 keeps no key at all). (The torch backend gave such rows NaN.)"""
+    inputs = _nonfinite_inputs(dtype, prefix, padding)
+    truth, base = _truth_and_baseline(inputs, mode, causal)
+    poisoned = dict(inputs)
+    for name in ("k", "v"):
+        t = inputs[name].clone()
+        t.transpose(1, 2)[~inputs["key_padding_mask"]] = float(value)
+        poisoned[name] = t
+    ours = _ours(poisoned, mode, causal)
+    for name, x in ours.items():
+        if x is not None:
+            result = compare(name, x, truth[name], base[name], 2.0 if name in ("out", "lse") else 3.0, 16)
+            assert result.ok, str(result)
+    if mode.startswith("train"):
+        dropped = ~inputs["key_padding_mask"][:, None, :, None]
+        for name in ("dk", "dv"):
+            assert (ours[name].masked_select(dropped) == 0).all(), f"{name} of a masked key is not zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("where", ["input-key-0", "prefix-key-1"])
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("masking", ["none", "causal+padding"])
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_in_a_visible_key_propagates(mode, masking, which, where, dtype):
+    """A NaN in a key (value) that queries see makes their outputs NaN (every component for a key, that
+    component for a value), exactly where the reference has NaN; every other output matches the reference.
+    Training: batch row 1 never reads row 0's input keys, so its gradients stay finite and right."""
+    padding, causal = NONFINITE_MASKING[masking]
+    inputs = _nonfinite_inputs(dtype, True, padding)
+    if where == "input-key-0":  # kept by right padding, and every query sees it under causality
+        inputs[which][0, 0, 0, 3] = float("nan")
+    else:
+        inputs["prefix_" + which][0, 1, 3] = float("nan")
+    ours = _ours(inputs, mode, causal)
+    truth, base = _truth_and_baseline(inputs, mode, causal)
+    assert torch.isnan(truth["out"]).any()
+    for name in ("out", "lse"):
+        if ours[name] is None:
+            continue
+        want_nan = torch.isnan(truth[name].detach())
+        assert torch.equal(torch.isnan(ours[name].detach()), want_nan), f"{name}: NaN at the wrong places"
+        _assert_close_on(name, ours[name], truth[name], base[name], ~want_nan)
+    if mode.startswith("train") and where == "input-key-0":
+        row1 = torch.tensor([False, True])[:, None, None, None]
+        for name in ("dq", "dk", "dv"):
+            _assert_close_on(name, ours[name], truth[name], base[name], row1)
+        assert torch.isnan(ours["dq"][0]).any() and torch.isnan(ours["dprefix_k"][0]).any()
