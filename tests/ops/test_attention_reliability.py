@@ -2,6 +2,7 @@
 served stale, and one rule for non-finite inputs (torch backend; the Triton side is in
 test_attention_nonfinite_triton.py)."""
 
+import threading
 
 import pytest
 import torch
@@ -259,3 +260,180 @@ def test_nan_in_a_visible_key_propagates(mode, masking, which, where, dtype):
         for name in ("dq", "dk", "dv"):
             _assert_close_on(name, ours[name], truth[name], base[name], row1)
         assert torch.isnan(ours["dq"][0]).any() and torch.isnan(ours["dprefix_k"][0]).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Memos of selection checks and padding bounds are valid only inside memo_scope(): a tensor changed behind the
+# version counter's back (.data, a numpy view) is never served stale.
+
+def _bank_args():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g)
+    bank = torch.randn(3, 2, 4, 16, generator=g)
+    return q, k, k, bank, bank
+
+
+@pytest.mark.parametrize("edit", [".data", "numpy"])
+def test_selection_check_sees_edits_that_bypass_the_version_counter(edit):
+    """prefix_index checked once, then set to 1000 through .data or a numpy view (no version bump): the next call
+    must check it again and raise, on every backend (the Triton kernels would read out of bounds)."""
+    args = _bank_args()
+    index = torch.tensor([0, 2])
+    prefix_attention(*args, prefix_index=index, backend="torch")
+    version = index._version
+    if edit == ".data":
+        index.data[1] = 1000
+    else:
+        index.numpy()[1] = 1000
+    assert index._version == version  # the edit is invisible to the version counter
+    with pytest.raises(ValueError, match=r"prefix_index values must be in \[-1, 2\].*max 1000"):
+        prefix_attention(*args, prefix_index=index, backend="torch")
+
+
+def _triton_or_skip():
+    from prefix_kernels.ops.attention.triton_impl import is_interpreting
+
+    if not (torch.cuda.is_available() or is_interpreting()):
+        pytest.skip("needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _padding_args(device):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g).to(device) for n in (3, 160, 160))
+    pk, pv = (torch.randn(2, 4, 16, generator=g).to(device) for _ in range(2))
+    return q, k, v, pk, pv
+
+
+@pytest.mark.parametrize("edit", [".data", "numpy"])
+def test_padding_bounds_see_edits_that_bypass_the_version_counter(edit):
+    """The Triton kernels skip key tiles outside each row's padding bounds. A mask edited through .data or a numpy
+    view between two calls (outside any memo_scope) must give the second call the new mask's result."""
+    device = _triton_or_skip()
+    args = _padding_args(device)
+    with torch.no_grad():
+        mask = torch.ones(2, 160, dtype=torch.bool, device=device)
+        mask[0, :130] = False  # row 0 keeps keys 130..159 only: its bounds skip the first tiles
+        prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        if edit == ".data":
+            mask.data[0, :130] = True
+            mask.data[1, 20:] = False
+        else:
+            if device != "cpu":
+                pytest.skip("numpy views are of CPU tensors")
+            mask.numpy()[0, :130] = True
+            mask.numpy()[1, 20:] = False
+        out = prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        want, _ = prefix_attention_ref(*args, key_padding_mask=mask)
+    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
+
+
+def _memos():
+    from prefix_kernels.ops.attention.inputs import _checked
+    from prefix_kernels.ops.attention.triton_impl import _bounds_memo
+
+    return _checked, _bounds_memo
+
+
+def test_memo_is_used_only_inside_a_scope():
+    """Outside a scope every call rechecks the selection; inside one the check runs once for the tensor, an
+    in-place write (a version bump) is still caught, and the values are dropped when the scope closes."""
+    from prefix_kernels.ops.memo import in_memo_scope, memo_scope
+
+    checked, _ = _memos()
+    args = _bank_args()
+    index = torch.tensor([0, 2])
+    hits, misses = checked.hits, checked.misses
+    for _ in range(3):
+        prefix_attention(*args, prefix_index=index, backend="torch")
+    assert (checked.hits - hits, checked.misses - misses) == (0, 3)
+    assert not in_memo_scope()
+    with memo_scope():
+        assert in_memo_scope()
+        hits, misses = checked.hits, checked.misses
+        for _ in range(3):  # three layers of one forward: one check
+            prefix_attention(*args, prefix_index=index, backend="torch")
+        assert (checked.hits - hits, checked.misses - misses) == (2, 1)
+        other = torch.tensor([1, 1])  # a second selection in the same forward is remembered beside the first
+        prefix_attention(*args, prefix_index=other, backend="torch")
+        prefix_attention(*args, prefix_index=other, backend="torch")
+        prefix_attention(*args, prefix_index=index, backend="torch")
+        assert (checked.hits - hits, checked.misses - misses) == (4, 2)
+        index[1] = 3  # an in-place write inside the scope moves the version counter: checked again
+        with pytest.raises(ValueError, match="prefix_index values must be in"):
+            prefix_attention(*args, prefix_index=index, backend="torch")
+        index[1] = 2
+        prefix_attention(*args, prefix_index=index, backend="torch")
+        index.data[1] = 1000  # breaks the scope's promise: served stale until the scope closes
+    assert not in_memo_scope()
+    with pytest.raises(ValueError, match="prefix_index values must be in"):
+        prefix_attention(*args, prefix_index=index, backend="torch")
+
+
+def test_memo_scope_nests_is_per_thread_and_closes_on_errors():
+    from prefix_kernels.ops.memo import in_memo_scope, memo_scope
+
+    checked, _ = _memos()
+    args = _bank_args()
+    index = torch.tensor([0, 2])
+    with memo_scope():
+        prefix_attention(*args, prefix_index=index, backend="torch")
+        with memo_scope():  # an inner scope (a model forward inside the caller's own scope) shares the values
+            hits = checked.hits
+            prefix_attention(*args, prefix_index=index, backend="torch")
+            assert checked.hits == hits + 1
+        assert in_memo_scope()
+        hits = checked.hits
+        prefix_attention(*args, prefix_index=index, backend="torch")
+        assert checked.hits == hits + 1
+
+        seen = {}
+
+        def other_thread():
+            seen["in_scope"] = in_memo_scope()
+            before = checked.hits
+            for _ in range(2):
+                prefix_attention(*args, prefix_index=index, backend="torch")
+            seen["hits"] = checked.hits - before
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert seen == {"in_scope": False, "hits": 0}
+    assert not in_memo_scope()
+    with pytest.raises(RuntimeError, match="boom"), memo_scope():
+        raise RuntimeError("boom")
+    assert not in_memo_scope()
+    with torch.inference_mode(), memo_scope():  # inference tensors count no writes: kept on the scope's promise
+        index = torch.tensor([0, 1])
+        prefix_attention(*args, prefix_index=index, backend="torch")
+        hits = checked.hits
+        prefix_attention(*args, prefix_index=index, backend="torch")
+        assert checked.hits == hits + 1
+
+
+def test_padding_bounds_computed_once_per_scope():
+    """Inside a scope the Triton padding bounds of one mask are computed once for all calls (layers); outside,
+    once per call; and the first call after a scope closes sees a .data edit made during it."""
+    from prefix_kernels.ops.memo import memo_scope
+
+    device = _triton_or_skip()
+    _, bounds = _memos()
+    args = _padding_args(device)
+    mask = torch.ones(2, 160, dtype=torch.bool, device=device)
+    mask[0, :130] = False
+    with torch.no_grad():
+        misses = bounds.misses
+        prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        assert bounds.misses - misses == 2
+        with memo_scope():
+            hits, misses = bounds.hits, bounds.misses
+            first = prefix_attention(*args, key_padding_mask=mask, backend="triton")
+            second = prefix_attention(*args, key_padding_mask=mask, backend="triton")
+            assert (bounds.hits - hits, bounds.misses - misses) == (1, 1)
+            torch.testing.assert_close(first, second, rtol=0, atol=0)
+            mask.data[0, :130] = True
+        out = prefix_attention(*args, key_padding_mask=mask, backend="triton")
+        want, _ = prefix_attention_ref(*args, key_padding_mask=mask)
+    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)

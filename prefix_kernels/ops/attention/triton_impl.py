@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..memo import TensorMemo
 from . import triton_kernels as kern
-from .inputs import NO_FEATURES, Features, TensorMemo
+from .inputs import NO_FEATURES, Features
 
 LOG2E = 1.4426950408889634
 
