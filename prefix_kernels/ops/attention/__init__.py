@@ -86,6 +86,13 @@ def prefix_attention(
 
     A row that sees no key at all (P = 0 and every input key masked, or causal with Lq > Lk and no
     prefix) gets ``out = 0`` and ``lse = -inf``, and zero gradients: never NaN.
+
+    Non-finite inputs, one rule on every backend: NaN and Inf in q, or in a key or value that a query can
+    see, go through the arithmetic of the formula above: a NaN makes that query's output and LSE NaN (never
+    a finite stand-in such as 0) and reaches every gradient it touches. Input keys masked by
+    ``key_padding_mask`` are never read: NaN or Inf there changes no output, LSE or gradient. Keys hidden
+    only by causality, the sliding window or the prefix selection come under no promise (a kernel may read
+    them beside the visible keys of a tile).
     """
     spec, features = check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
                                   softmax_scale=softmax_scale, **options)

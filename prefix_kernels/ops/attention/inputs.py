@@ -8,11 +8,11 @@ for a wrong shape, device or value, each naming the argument at fault.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
+from ..memo import TensorMemo, capturing
 from .features import NO_FEATURES, CheckContext, Features
 from .features import check as check_features
 
@@ -56,49 +56,11 @@ def _require_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-class TensorMemo:
-    """One remembered result per name, valid while the same tensor object is passed again unchanged: a model
-    calls the op once per layer with the same selection and padding mask, so what is derived from their values
-    (a range check that reads them back, the padding bounds) is computed once per forward, not per layer.
-
-    The tensor is held by a weak reference and its version counter must not have moved (every in-place write
-    bumps it). Keyed by identity, not by address: a new tensor at a freed tensor's address is a miss. Inference
-    tensors (``torch.inference_mode``) count no writes, and a CUDA graph being captured must record its own
-    work, so nothing is remembered (or recalled) for either.
-    """
-
-    def __init__(self):
-        self._entries: dict[str, tuple] = {}
-
-    def get(self, name: str, t: torch.Tensor, extra=None):
-        entry = self._entries.get(name)
-        if entry is None or not _rememberable(t):
-            return None
-        ref, version, entry_extra, value = entry
-        if ref() is t and t._version == version and entry_extra == extra:
-            return value
-        return None
-
-    def put(self, name: str, t: torch.Tensor, value, extra=None) -> None:
-        if _rememberable(t):
-            self._entries[name] = (weakref.ref(t), t._version, extra, value)
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on t's device: a graph replays its recorded work without running
-    Python, so nothing may come from a memo filled outside it, and no value may be read back (a sync)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _rememberable(t: torch.Tensor) -> bool:
-    return not t.is_inference() and not _capturing(t)
-
-
 _checked = TensorMemo()
 
 
 def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
-    if torch.compiler.is_compiling() or t.numel() == 0 or _capturing(t):
+    if torch.compiler.is_compiling() or t.numel() == 0 or capturing(t):
         return  # a traced or captured graph cannot read values back; eager calls check them
     if _checked.get(name, t, (lo, hi)):
         return

@@ -172,7 +172,7 @@ def prefix_attention_ref(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     probs = torch.exp(scores - row_max)
     denom = probs.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
+    nonempty = denom != 0  # a NaN sum (a NaN logit) is not an empty row: its lse is NaN, not -inf
     denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
     lse = torch.where(nonempty, row_max + torch.log(denom_safe), torch.full_like(denom, float("-inf")))
     lse = lse.squeeze(-1).to(torch.float64 if cdt == torch.float64 else torch.float32)

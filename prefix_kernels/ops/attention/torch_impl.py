@@ -14,6 +14,10 @@ Three paths, by what the call needs:
   group folded into one matmul so that K/V are never repeated; the prefix gradient is reduced over the
   batch by a sum.
 
+Non-finite inputs follow ``prefix_attention``'s rule on every path: the input keys and values that the padding
+mask drops are zeroed while K/V are assembled (never read), and a query holding a NaN gets a NaN output and LSE
+where the fused CPU kernel, given no mask, would report 0.
+
 The dropout mask is drawn from a torch.Generator seeded with the call's seed, so the backward
 regenerates the forward's mask (it differs from the Triton backend's Philox stream).
 """
@@ -29,22 +33,69 @@ from .reference import alibi_positions, prefix_rows, visibility_mask
 
 class _Keys:
     """K/V over ``[prefix ; input]`` for every row, with the per-row prefix visibility and length
-    (None when every row sees all P prefix columns)."""
+    (None when every row sees all P prefix columns).
 
-    def __init__(self, k, v, prefix_k, prefix_v, features: Features):
+    Input keys that ``key_padding_mask`` drops are zeroed here: masked keys are never read, so a NaN or Inf
+    there reaches no output or gradient (a softmax weight of 0 times a NaN value would still be NaN). With
+    ``groups`` > 1 each kv head is repeated that many times (the CPU kernels take no GQA)."""
+
+    def __init__(self, k, v, prefix_k, prefix_v, features: Features, key_padding_mask=None, groups: int = 1):
         self.P = 0 if prefix_k is None else prefix_k.shape[-2]
         self.visible = self.row_len = None
-        if self.P == 0:
-            self.k, self.v = k, v
-            return
-        pk, pv, self.visible, self.row_len = prefix_rows(prefix_k, prefix_v, features.prefix_index,
-                                                         features.prefix_lengths, k.shape[0])
-        self.k = torch.cat([pk, k], dim=2)
-        self.v = torch.cat([pv, v], dim=2)
+        pk = pv = None
+        if self.P > 0:
+            pk, pv, self.visible, self.row_len = prefix_rows(prefix_k, prefix_v, features.prefix_index,
+                                                             features.prefix_lengths, k.shape[0])
+        self.k = _join(pk, k, key_padding_mask, groups)
+        self.v = _join(pv, v, key_padding_mask, groups)
 
     def mask(self, len_q, len_k, causal, key_padding_mask, sliding_window=None):
         return visibility_mask(len_q, len_k, self.P, causal=causal, key_padding_mask=key_padding_mask,
                                device=self.k.device, sliding_window=sliding_window, prefix_visible=self.visible)
+
+
+_SAME_WIDTH_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}
+
+
+def _join(prefix: torch.Tensor | None, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
+          groups: int) -> torch.Tensor:
+    """``[prefix ; x]`` along the keys, ``[B, H * groups, P + L, D]``: each head repeated ``groups`` times and the
+    input keys that ``key_padding_mask [B, L]`` drops set to +0. ``x`` itself when there is nothing to do.
+
+    The zeroing is a bitwise AND of the values' bits with 0 or all ones (one vectorised integer pass over the
+    input keys, about 20x cheaper than ``masked_fill`` / ``where`` with a broadcast bool mask on a CPU)."""
+    P = 0 if prefix is None else prefix.shape[2]
+    out = torch.cat([prefix, x], dim=2) if P > 0 else x
+    if key_padding_mask is not None:
+        as_int = _SAME_WIDTH_INT[x.dtype]
+        bits = -key_padding_mask[:, None, :, None].to(as_int)  # 0 (drop) or -1 (all bits set: keep)
+        if P > 0:  # the concatenation is ours: zero in place
+            out[:, :, P:].view(as_int).bitwise_and_(bits)
+        else:
+            out = (x.view(as_int) & bits).view(x.dtype)
+    return out.repeat_interleave(groups, 1) if groups > 1 else out
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy whose last dim is unit-stride. PyTorch's fused CPU kernels allocate their output like q
+    and write it, and read ``out`` in the backward, as if that dim were contiguous whatever its stride (garbage
+    for a ``.transpose(-1, -2)`` view). Every other input layout, stride-0 expansions included, they read right."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _propagate_nan_queries(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None):
+    """out (and lse) with NaN on the rows of queries holding a NaN. Given no mask, PyTorch's fused CPU kernel
+    (SDPA's CPU choice too) returns out = 0 and lse = 0 for such a query, as if its all-NaN score row saw no key;
+    the contract propagates NaN. On the CPU one sum of q screens the call (a NaN anywhere makes it NaN), and only
+    a flagged call pays for the per-row search; elsewhere the rows are filled without a host sync."""
+    if q.device.type == "cpu" and not bool(torch.isnan(q.sum())):
+        return out, lse
+    bad = torch.isnan(q).any(dim=-1)
+    out = out.masked_fill(bad.unsqueeze(-1), float("nan"))
+    if lse is not None:
+        lse = lse.masked_fill(bad, float("nan"))
+    return out, lse
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,18 +170,15 @@ def _use_cpu_flash(q: torch.Tensor, features: Features) -> bool:
 
 
 def _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, features):
-    """Concatenated K/V repeated to Hq heads (the CPU kernels take no GQA), the additive mask, and the
-    bool visibility mask (None when everything is visible)."""
+    """Concatenated K/V repeated to Hq heads (the CPU kernels take no GQA), padded keys zeroed, the additive
+    mask, and the bool visibility mask (None when everything is visible)."""
     Hq, Hkv, Lq, Lk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    keys = _Keys(k, v, prefix_k, prefix_v, features)
-    k_all, v_all = keys.k, keys.v
-    if Hq != Hkv:
-        k_all, v_all = k_all.repeat_interleave(Hq // Hkv, 1), v_all.repeat_interleave(Hq // Hkv, 1)
+    keys = _Keys(k, v, prefix_k, prefix_v, features, key_padding_mask, Hq // Hkv)
     visible = keys.mask(Lq, Lk, causal, key_padding_mask)
     additive = None
     if visible is not None:
         additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    return k_all, v_all, additive, visible
+    return keys.k, keys.v, additive, visible
 
 
 def _into(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -153,13 +201,15 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     if need_lse and _use_cpu_flash(q, features):
         k_all, v_all, additive, visible = _cpu_flash_operands(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
                                                               features)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k_all, v_all, attn_mask=additive,
-                                                                             scale=scale)
-        if visible is not None and not keys_always_visible:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_unit_last(q), k_all, v_all,
+                                                                             attn_mask=additive, scale=scale)
+        if additive is None:
+            out, lse = _propagate_nan_queries(q, out, lse)
+        elif not keys_always_visible:
             # The kernel reports 0 for a row that sees no key; the contract says -inf.
             lse = lse.masked_fill(~visible.any(dim=-1), float("-inf"))
         return _into(out, q), lse.contiguous()
-    keys = _Keys(k, v, prefix_k, prefix_v, features)
+    keys = _Keys(k, v, prefix_k, prefix_v, features, key_padding_mask)
     if need_lse or not _sdpa_serves(q, features):
         cdt = _compute_dtype(q.dtype)
         logits = _Logits(q.to(cdt), keys, keys.k.to(cdt), key_padding_mask, causal, scale, features, Lk)
@@ -175,7 +225,9 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
         if mask is not None:
             attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(q, keys.k, keys.v, attn_mask=attn_mask, scale=scale, enable_gqa=Hq != Hkv)
-    if mask is not None and not keys_always_visible:
+    if attn_mask is None:
+        out, _ = _propagate_nan_queries(q, out, None)
+    elif mask is not None and not keys_always_visible:
         # Rows that see no key at all are defined as zeros; not every SDPA kernel agrees on them.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
     return _into(out, q), q.new_empty((B, Hq, 0), dtype=torch.float32)
@@ -197,13 +249,13 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
                                                         features)
         lse_k = lse.masked_fill(torch.isneginf(lse), 0.0)  # back to the kernel's convention for empty rows
         dq, dk_all, dv_all = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k_all, v_all, out, lse_k, 0.0, False, attn_mask=additive, scale=scale)
+            dout, q, k_all, v_all, _unit_last(out), lse_k, 0.0, False, attn_mask=additive, scale=scale)
         n_all = P + Lk
         dk_all = dk_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dk_all
         dv_all = dv_all.view(B, Hkv, G, n_all, -1).sum(dim=2) if G > 1 else dv_all
         return _split_grads(dq, dk_all, dv_all, q, k, v, prefix_k, prefix_v, P, features)
     cdt = _compute_dtype(q.dtype)
-    keys = _Keys(k, v, prefix_k, prefix_v, features)
+    keys = _Keys(k, v, prefix_k, prefix_v, features, key_padding_mask)
     k_all, v_all = keys.k.to(cdt), keys.v.to(cdt)
     q5 = q.unflatten(1, (Hkv, G)).to(cdt)
     do5 = dout.unflatten(1, (Hkv, G)).to(cdt)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from ..memo import TensorMemo
 from ..triton_utils import TileConfig, arch_of, cdiv, device_ctx, is_interpreting, next_power_of_2, precision, sm_count
 from . import tile_overrides
-from .inputs import NO_FEATURES, TensorMemo
+from .inputs import NO_FEATURES
 
 LOG2E = 1.4426950408889634
 
