@@ -329,3 +329,23 @@ def test_checkpoint_recompute_in_another_thread():
     fresh.start()
     fresh.join(60)
     assert errors and "overlapped" in str(errors[0].value)
+
+
+def test_selection_checked_once_per_forward_and_again_in_the_next():
+    """The HF forward opens a memo scope: the bank selection's range check (a read-back) runs at the first layer
+    and is reused by the others; the next forward checks again, so an edit between forwards is always seen."""
+    from prefix_kernels.ops.attention import inputs
+
+    model = build("llama", "lm")
+    handle = pk.apply_prefix_tuning(model, BANK)
+    layers = model.config.num_hidden_layers
+    assert layers >= 2
+    ids, mask = batch(padding="left")
+    handle.set_prefix_index(["a", "b", None])
+    for _ in range(2):
+        hits, misses = inputs._checked.hits, inputs._checked.misses
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        checked = inputs._checked.misses - misses  # the selected index and the bank's lengths, at the first layer
+        assert checked == 2
+        assert inputs._checked.hits - hits == checked * (layers - 1)

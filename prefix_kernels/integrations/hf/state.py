@@ -40,6 +40,7 @@ import threading
 import torch
 
 from ...modules import PrefixBank, PrefixEncoder
+from ...ops.memo import memo_scope
 from .attention import IMPLEMENTATION
 from .positions import alibi_slopes
 
@@ -68,6 +69,7 @@ class Call:
         self.groups: list | None = None  # [(prefix, row indices)], made on first use
         self.fetches = 0
         self.overlapped = False  # another thread's forward of the model ran during this one
+        self.memo = None  # the memo_scope open while this forward runs
 
 
 _PER_PROCESS = ("_local", "_lock", "_active", "_last_call")
@@ -320,6 +322,10 @@ class PrefixState:
             dtype = self.attention_dtype()
             if dtype is not None:
                 self.prefix(dtype)
+        # Within one forward nothing edits the padding mask or the selection between layers: what the op derives
+        # from them (range checks, padding bounds) is computed at the first layer and reused by the others.
+        call.memo = memo_scope()
+        call.memo.__enter__()
 
     def end_forward(self, module, args, output) -> None:
         """Forward hook of the base model (``always_call``: on exceptions too, with ``output`` None), where a
@@ -327,6 +333,9 @@ class PrefixState:
         call = getattr(self._local, "call", None)
         if call is None:
             return
+        if call.memo is not None:
+            call.memo.__exit__(None, None, None)
+            call.memo = None
         if not torch.compiler.is_compiling():
             with self._lock:
                 self._active.discard(call)
