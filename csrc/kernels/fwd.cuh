@@ -33,10 +33,9 @@ PK_DEVICE void fwd_block(const FwdParams& p, char* smem) {
   constexpr int BM = C::kBlockM, BN = C::kBlockN, S = C::kStride, kThreads = C::kThreads;
   constexpr float kNegInf = -__builtin_huge_valf();
   const AttnShape& s = p.s;
-  const int tid = thread_idx(), warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int m0 = block_idx_x() * BM;
-  const int h = block_idx_y(), b = block_idx_z(), g = h / s.G;
-  const int64_t bh = static_cast<int64_t>(b) * s.Hq + h;
+  const QueryBlock qb = query_block<BM>(s);
+  const int warp = qb.warp, lane = qb.lane, m0 = qb.m0, h = qb.h, b = qb.b, g = qb.g;
+  const int64_t bh = qb.bh;
 
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sK = sQ + BM * S;      // two buffers of BN rows

@@ -17,6 +17,18 @@
 
 namespace pk {
 
+// The query block of the forward and dQ grids (cdiv(Lq, kBlockM), Hq, B): its first row m0, query head h,
+// batch row b, kv head g, and this thread's warp and lane.
+struct QueryBlock {
+  int warp, lane, m0, h, b, g;
+  int64_t bh;  // b * Hq + h: the row of lse and delta
+};
+template <int kBlockM>
+PK_DEVICE QueryBlock query_block(const AttnShape& s) {
+  const int tid = thread_idx(), h = block_idx_y(), b = block_idx_z();
+  return {tid / kWarpSize, tid % kWarpSize, block_idx_x() * kBlockM, h, b, h / s.G, static_cast<int64_t>(b) * s.Hq + h};
+}
+
 // One key source as the walk sees it: K and V rows, how many exist, the first column walked (the
 // position base), its tiles, and its mask.
 struct KeySource {
