@@ -60,7 +60,8 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
   float dq[kHeadDim / 8][4];
   zero(dq);
   uint32_t qf[kHeadDim / 16][4], dof[kHeadDim / 16][4];
-  walk_key_tiles<kHeadDim, kThreads>(walk, sK, sV, [&](int t, saddr_t kt, saddr_t vt, auto edge) {
+  // One body that branches around the mask: fewer registers here than two compiled bodies.
+  walk_key_tiles<kHeadDim, kThreads, false>(walk, sK, sV, [&](int t, saddr_t kt, saddr_t vt, bool edge) {
     if (t == 0) {
       PK_UNROLL
       for (int ks = 0; ks < kHeadDim / 16; ++ks) {
@@ -76,7 +77,7 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
       PK_UNROLL
       for (int e = 0; e < 4; ++e) pr[j][e] = pr[j][e] * s.scale_log2 - lse2[e / 2];
     }
-    if constexpr (decltype(edge)::value) walk.hide(t, pr, m0 + row_w, lane, -kInf);
+    if (edge) walk.hide(t, pr, m0 + row_w, lane, -kInf);
     PK_UNROLL
     for (int j = 0; j < BN / 8; ++j) {
       PK_UNROLL

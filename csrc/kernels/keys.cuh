@@ -114,12 +114,13 @@ PK_DEVICE KeyWalk<kBlockN, kCausal, Params> make_key_walk(const Params& p, int b
   return {p, b, g, m0, (s.P + kBlockN - 1) / kBlockN, lo, n_in, hi, !dense};
 }
 
-// Runs body(t, kt, vt, edge) for every tile t of the walk, kt and vt its K and V tiles in shared memory,
-// edge an Edge<true> or Edge<false>: the body is compiled twice, so an interior tile runs code with no mask
-// in it at all. sK and sV hold two buffers of kBlockN rows each: tile t + 1 is copied while body works on
-// tile t. Copies the caller issued before (its Q and dO tiles) land with tile 0; every copy has landed
-// when it returns.
-template <int kHeadDim, int kThreads, int kBlockN, bool kCausal, class Params, class Body>
+// Runs body(t, kt, vt, edge) for every tile t of the walk, kt and vt its K and V tiles in shared memory.
+// With kSplitEdges, edge is an Edge<true> or Edge<false> and the body is compiled twice, so an interior
+// tile runs code with no mask in it at all; without, edge is a bool and one body branches around the mask
+// (which of the two needs fewer registers depends on the pass: see fwd.cuh and bwd_dq.cuh). sK and sV
+// hold two buffers of kBlockN rows each: tile t + 1 is copied while body works on tile t. Copies the
+// caller issued before (its Q and dO tiles) land with tile 0; every copy has landed when it returns.
+template <int kHeadDim, int kThreads, bool kSplitEdges, int kBlockN, bool kCausal, class Params, class Body>
 PK_DEVICE void walk_key_tiles(const KeyWalk<kBlockN, kCausal, Params>& w, uint16_t* sK, uint16_t* sV, Body&& body) {
   constexpr int kTile = kBlockN * TileDims<kHeadDim>::kStride;
   const int n = w.n_tiles();
@@ -132,10 +133,14 @@ PK_DEVICE void walk_key_tiles(const KeyWalk<kBlockN, kCausal, Params>& w, uint16
     cp_async_wait<1>();  // everything but tile t + 1 has landed
     block_sync();
     const saddr_t kt = saddr(sK + (t & 1) * kTile), vt = saddr(sV + (t & 1) * kTile);
-    if (w.edge(t)) {
-      body(t, kt, vt, Edge<true>{});
+    if constexpr (kSplitEdges) {
+      if (w.edge(t)) {
+        body(t, kt, vt, Edge<true>{});
+      } else {
+        body(t, kt, vt, Edge<false>{});
+      }
     } else {
-      body(t, kt, vt, Edge<false>{});
+      body(t, kt, vt, w.edge(t));
     }
     block_sync();  // tile t's buffers are free for tile t + 2
   }

@@ -16,11 +16,12 @@
 
 namespace pk {
 
-// Whether a tile (or query step) is an edge one, as a type: loop bodies take it as an argument and are
-// compiled twice, so an interior tile runs code with no mask in it at all (IsEvenMN-style).
+// Whether a tile is an edge one, as a type: a loop body that takes it is compiled twice, so an interior
+// tile runs code with no mask in it at all (IsEvenMN-style). It converts to bool, so that one body can be
+// written for it and for a runtime flag.
 template <bool kValue>
 struct Edge {
-  static constexpr bool value = kValue;
+  constexpr operator bool() const { return kValue; }
 };
 
 // What indexes the rows of a score accumulator: queries (S = Q K^T: forward, dQ) or keys (S^T = K Q^T: dK/dV).
