@@ -15,8 +15,11 @@
 // so that dK and dV accumulate as A * B products with A in registers):
 //   S^T = K Q^T,  P^T = exp2(S^T * scale_log2 - lse2),  dV += P^T dO,  dP^T = V dO^T,
 //   dS^T = P^T (dP^T - delta),  dK += dS^T Q        (dK is scaled by the softmax scale at the end).
+// The mask (mask.cuh) is fused into P^T: its key side is fixed for the block and hoisted out of the
+// query loop; its causal side is tested only on the steps that reach past the diagonal.
 #pragma once
 
+#include "mask.cuh"
 #include "params.h"
 #include "tile.cuh"
 
@@ -100,14 +103,10 @@ PK_DEVICE void bwd_dkdv_block(const BwdParams& p, char* smem) {
   float dk[kHeadDim / 8][4], dv[kHeadDim / 8][4];
   zero(dk);
   zero(dv);
-  // The two keys of this thread (rows of S^T): n0 + 16 w + lane / 4 (+ 8).
-  const int key_w = n0 + warp * 16 + lane / 4;
-  bool key_ok[2];
-  PK_UNROLL
-  for (int i = 0; i < 2; ++i) {
-    const int key = key_w + 8 * i;
-    key_ok[i] = key < n_rows && (!kpm_row || kpm_row[key] != 0);
-  }
+  // The key side of the mask is fixed for the block: hoisted out of the query loop (two bools per lane).
+  Mask mask{n_rows, kpm_row, s.Lk - s.Lq};
+  const int key_w = n0 + warp * 16 + lane / 4;  // the two keys of this lane (rows of S^T): key_w, key_w + 8
+  mask.hoist_row_keys(key_w);
 
   for (int st = 0; st < n_steps; ++st) {
     if (st + 1 < n_steps) load_step(st + 1, (st + 1) & 1);
@@ -120,6 +119,10 @@ PK_DEVICE void bwd_dkdv_block(const BwdParams& p, char* smem) {
     const float* lse2 = s_lse2 + buf * BM;
     const float* delta = s_delta + buf * BM;
     const int m0 = step_m0(st);
+    // The key side (hoisted: all true unless a key row of the tile is hidden) is one select per entry; the
+    // causal side is tested only on an edge step, where the block's last key lies beyond the diagonal of
+    // the step's first query.
+    const bool causal_edge = kCausal && n0 + BN - 1 > m0 + mask.diag;
 
     float pt[BM / 8][4];  // S^T, then P^T: [16 keys of this warp] x [BM queries]
     zero(pt);
@@ -128,10 +131,9 @@ PK_DEVICE void bwd_dkdv_block(const BwdParams& p, char* smem) {
     for (int j = 0; j < BM / 8; ++j) {
       PK_UNROLL
       for (int e = 0; e < 4; ++e) {
-        const int q_local = 8 * j + 2 * (lane % 4) + (e & 1);
-        bool ok = key_ok[e / 2];
-        if (kCausal) ok = ok && key_w + 8 * (e / 2) <= m0 + q_local + s.Lk - s.Lq;
-        pt[j][e] = ok ? fast_exp2(pt[j][e] * s.scale_log2 - lse2[q_local]) : 0.f;
+        const bool ok = mask.visible<Rows::kKeys, true, false>(j, e, key_w, m0, lane) &&
+                        (!causal_edge || mask.visible<Rows::kKeys, false, kCausal>(j, e, key_w, m0, lane));
+        pt[j][e] = ok ? fast_exp2(pt[j][e] * s.scale_log2 - lse2[8 * j + 2 * (lane % 4) + (e & 1)]) : 0.f;
       }
     }
     gemm_p_b_kn<E, BM, kHeadDim, kHeadDim>(dv, pt, dot, lane);

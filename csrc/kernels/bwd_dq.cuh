@@ -1,10 +1,12 @@
 // Backward, query side: dQ. Grid (cdiv(Lq, kBlockM), Hq, B); walks the same key tiles as the forward
-// (prefix, then the visible input range), recomputing P from the saved LSE:
+// (keys.cuh: the prefix, then the visible input range), recomputing P from the saved LSE:
 //   S = Q K^T,  P = exp2(S * scale_log2 - lse2),  dP = dO V^T,  dS = P (dP - delta),  dQ += dS K.
-// Q and dO stay in registers; K/V tiles are double-buffered with cp.async. No atomics: each block owns
-// its rows of dQ, so the result is deterministic.
+// Edge tiles hide their pairs with -inf before the exp2 (mask.cuh). Q and dO stay in registers; K/V
+// tiles are double-buffered with cp.async. No atomics: each block owns its rows of dQ, so the result is
+// deterministic.
 #pragma once
 
+#include "keys.cuh"
 #include "params.h"
 #include "tile.cuh"
 
@@ -17,8 +19,8 @@ struct DqConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kStride = TileDims<kHeadDim>::kStride;
-  // sQ, sdO [kBlockM] rows; sK, sV [2][kBlockN] rows; 2 * kWarps ints of scratch.
-  static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kStride * 2 + 2 * kWarps * 4;
+  // sQ, sdO [kBlockM] rows; sK, sV [2][kBlockN] rows; 3 * kWarps ints of scratch.
+  static constexpr int kSmemBytes = (2 * kBlockM + 4 * kBlockN) * kStride * 2 + 3 * kWarps * 4;
 };
 
 template <class E, int kHeadDim, bool kCausal>
@@ -27,10 +29,9 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
   constexpr int BM = C::kBlockM, BN = C::kBlockN, S = C::kStride, kThreads = C::kThreads;
   constexpr float kInf = __builtin_huge_valf();
   const AttnShape& s = p.s;
-  const int tid = thread_idx(), warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int m0 = block_idx_x() * BM;
-  const int h = block_idx_y(), b = block_idx_z(), g = h / s.G;
-  const int64_t bh = static_cast<int64_t>(b) * s.Hq + h;
+  const QueryBlock qb = query_block<BM>(s);
+  const int warp = qb.warp, lane = qb.lane, m0 = qb.m0, h = qb.h, b = qb.b, g = qb.g;
+  const int64_t bh = qb.bh;
 
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sdO = sQ + BM * S;
@@ -38,36 +39,11 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
   uint16_t* sV = sK + 2 * BN * S;  // two buffers of BN rows
   int* scratch = reinterpret_cast<int*>(sV + 2 * BN * S);
 
-  const uint8_t* kpm_row = s.kpm ? s.kpm + static_cast<int64_t>(b) * s.Lk : nullptr;
-  int n_lo = 0, n_hi = s.Lk;
-  if (kpm_row) kept_key_range<C::kWarps>(kpm_row, s.Lk, scratch, n_lo, n_hi);
-  if (kCausal) n_hi = imin(n_hi, m0 + BM + s.Lk - s.Lq);
-  const int n_pre = (s.P + BN - 1) / BN;
-  const int n_in = n_hi > n_lo ? (n_hi - n_lo + BN - 1) / BN : 0;
-  const int n_tiles = n_pre + n_in;
-
-  const uint16_t* k_in = p.k.ptr + b * p.k.batch_stride + g * p.k.head_stride;
-  const uint16_t* v_in = p.v.ptr + b * p.v.batch_stride + g * p.v.head_stride;
-  const uint16_t* k_pre = p.pk.ptr + g * p.pk.head_stride;
-  const uint16_t* v_pre = p.pv.ptr + g * p.pv.head_stride;
-  auto tile_col0 = [&](int t) { return t < n_pre ? t * BN : n_lo + (t - n_pre) * BN; };
-  auto load_kv = [&](int t, int buf) {
-    if (t < n_pre) {
-      load_tile_async<BN, kHeadDim, kThreads>(sK + buf * BN * S, k_pre, p.pk.row_stride, t * BN, s.P, s.D);
-      load_tile_async<BN, kHeadDim, kThreads>(sV + buf * BN * S, v_pre, p.pv.row_stride, t * BN, s.P, s.D);
-    } else {
-      const int n0 = tile_col0(t);
-      load_tile_async<BN, kHeadDim, kThreads>(sK + buf * BN * S, k_in, p.k.row_stride, n0, s.Lk, s.D);
-      load_tile_async<BN, kHeadDim, kThreads>(sV + buf * BN * S, v_in, p.v.row_stride, n0, s.Lk, s.D);
-    }
-  };
-
+  const auto walk = make_key_walk<BN, BM, C::kWarps, kCausal>(p, b, g, m0, scratch);
   load_tile_async<BM, kHeadDim, kThreads>(sQ, p.q.ptr + b * p.q.batch_stride + h * p.q.head_stride, p.q.row_stride,
                                           m0, s.Lq, s.D);
   load_tile_async<BM, kHeadDim, kThreads>(sdO, p.dout.ptr + b * p.dout.batch_stride + h * p.dout.head_stride,
                                           p.dout.row_stride, m0, s.Lq, s.D);
-  if (n_tiles > 0) load_kv(0, 0);
-  cp_async_commit();
 
   const int row_w = warp * 16 + lane / 4;
   float lse2[2], delta[2];
@@ -84,11 +60,8 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
   float dq[kHeadDim / 8][4];
   zero(dq);
   uint32_t qf[kHeadDim / 16][4], dof[kHeadDim / 16][4];
-  for (int t = 0; t < n_tiles; ++t) {
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    block_sync();
+  // One body that branches around the mask: fewer registers here than two compiled bodies.
+  walk_key_tiles<kHeadDim, kThreads, false>(walk, sK, sV, [&](int t, saddr_t kt, saddr_t vt, bool edge) {
     if (t == 0) {
       PK_UNROLL
       for (int ks = 0; ks < kHeadDim / 16; ++ks) {
@@ -96,29 +69,19 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
         load_a<kHeadDim>(dof[ks], saddr(sdO), warp * 16, ks * 16, lane);
       }
     }
-    const saddr_t kt = saddr(sK + (t & 1) * BN * S);
-    const saddr_t vt = saddr(sV + (t & 1) * BN * S);
-    float pr[BN / 8][4];  // S, then P
+    float pr[BN / 8][4];  // S, then S * scale_log2 - lse2, then P
     zero(pr);
     gemm_a_reg_b_nk<E, kHeadDim, BN, kHeadDim>(pr, qf, kt, lane);
-    const bool prefix_tile = t < n_pre;
-    const int col0 = tile_col0(t);
     PK_UNROLL
     for (int j = 0; j < BN / 8; ++j) {
       PK_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int col = col0 + 8 * j + 2 * (lane % 4) + (e & 1);
-        const int row = m0 + row_w + 8 * (e / 2);
-        bool ok;
-        if (prefix_tile) {
-          ok = col < s.P;
-        } else {
-          ok = col < s.Lk;
-          if (ok && kpm_row) ok = kpm_row[col] != 0;
-          if (kCausal) ok = ok && col <= row + s.Lk - s.Lq;
-        }
-        pr[j][e] = ok ? fast_exp2(pr[j][e] * s.scale_log2 - lse2[e / 2]) : 0.f;
-      }
+      for (int e = 0; e < 4; ++e) pr[j][e] = pr[j][e] * s.scale_log2 - lse2[e / 2];
+    }
+    if (edge) walk.hide(t, pr, m0 + row_w, lane, -kInf);
+    PK_UNROLL
+    for (int j = 0; j < BN / 8; ++j) {
+      PK_UNROLL
+      for (int e = 0; e < 4; ++e) pr[j][e] = fast_exp2(pr[j][e]);
     }
     float ds[BN / 8][4];  // dP, then dS
     zero(ds);
@@ -129,10 +92,7 @@ PK_DEVICE void bwd_dq_block(const BwdParams& p, char* smem) {
       for (int e = 0; e < 4; ++e) ds[j][e] = pr[j][e] * (ds[j][e] - delta[e / 2]);
     }
     gemm_p_b_kn<E, BN, kHeadDim, kHeadDim>(dq, ds, kt, lane);
-    block_sync();
-  }
-  cp_async_wait<0>();
-  block_sync();
+  });
 
   PK_UNROLL
   for (int d = 0; d < kHeadDim / 8; ++d) {

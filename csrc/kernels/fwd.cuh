@@ -1,16 +1,16 @@
 // Forward of prefix attention: one online softmax over the prefix tiles, then the input tiles.
 //
 // Grid (cdiv(Lq, kBlockM), Hq, B), kWarps warps; warp w owns query rows [16 w, 16 w + 16) of the
-// block's tile. For batch row b, query head h and kv head g = h / G the block walks
-//   prefix tiles: columns [0, P) of prefix_k/v[g]         (all visible; only the P bound masks)
-//   input tiles:  columns [lo, hi) of k/v[b, g]           (lo, hi: the kept range of the padding mask,
-//                 hi also capped by causality)            then per element: padding and j <= i + Lk - Lq
-// as one sequence of key tiles, double-buffered with cp.async. Scores are kept in base 2 (scale_log2).
-// Q stays in registers (kHeadDim / 16 A fragments); S and O are fp32 mma.sync accumulators.
+// block's tile. For batch row b, query head h and kv head g = h / G the block walks the key tiles of
+// keys.cuh (the prefix's columns [0, P) of prefix_k/v[g], then the kept, causally visible range of
+// k/v[b, g]) as one sequence, double-buffered with cp.async; only edge tiles pay the mask (mask.cuh).
+// Scores are kept in base 2 (scale_log2). Q stays in registers (kHeadDim / 16 A fragments); S and O are
+// fp32 mma.sync accumulators.
 // out [B, Hq, Lq, D] in q's dtype; lse [B, Hq, Lq] fp32 natural log, -inf (and out = 0) for rows that see
 // no key at all.
 #pragma once
 
+#include "keys.cuh"
 #include "params.h"
 #include "tile.cuh"
 
@@ -23,8 +23,8 @@ struct FwdConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kStride = TileDims<kHeadDim>::kStride;
-  // sQ [kBlockM], sK [2][kBlockN], sV [2][kBlockN] rows, then 2 * kWarps ints of scratch.
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kStride * 2 + 2 * kWarps * 4;
+  // sQ [kBlockM], sK [2][kBlockN], sV [2][kBlockN] rows, then 3 * kWarps ints of scratch.
+  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kStride * 2 + 3 * kWarps * 4;
 };
 
 template <class E, int kHeadDim, bool kCausal>
@@ -33,46 +33,18 @@ PK_DEVICE void fwd_block(const FwdParams& p, char* smem) {
   constexpr int BM = C::kBlockM, BN = C::kBlockN, S = C::kStride, kThreads = C::kThreads;
   constexpr float kNegInf = -__builtin_huge_valf();
   const AttnShape& s = p.s;
-  const int tid = thread_idx(), warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const int m0 = block_idx_x() * BM;
-  const int h = block_idx_y(), b = block_idx_z(), g = h / s.G;
-  const int64_t bh = static_cast<int64_t>(b) * s.Hq + h;
+  const QueryBlock qb = query_block<BM>(s);
+  const int warp = qb.warp, lane = qb.lane, m0 = qb.m0, h = qb.h, b = qb.b, g = qb.g;
+  const int64_t bh = qb.bh;
 
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sK = sQ + BM * S;      // two buffers of BN rows
   uint16_t* sV = sK + 2 * BN * S;  // two buffers of BN rows
   int* scratch = reinterpret_cast<int*>(sV + 2 * BN * S);
 
-  // The input columns this query block may see: [n_lo, n_hi).
-  const uint8_t* kpm_row = s.kpm ? s.kpm + static_cast<int64_t>(b) * s.Lk : nullptr;
-  int n_lo = 0, n_hi = s.Lk;
-  if (kpm_row) kept_key_range<C::kWarps>(kpm_row, s.Lk, scratch, n_lo, n_hi);
-  if (kCausal) n_hi = imin(n_hi, m0 + BM + s.Lk - s.Lq);
-  const int n_pre = (s.P + BN - 1) / BN;
-  const int n_in = n_hi > n_lo ? (n_hi - n_lo + BN - 1) / BN : 0;
-  const int n_tiles = n_pre + n_in;
-
-  const uint16_t* k_in = p.k.ptr + b * p.k.batch_stride + g * p.k.head_stride;
-  const uint16_t* v_in = p.v.ptr + b * p.v.batch_stride + g * p.v.head_stride;
-  const uint16_t* k_pre = p.pk.ptr + g * p.pk.head_stride;
-  const uint16_t* v_pre = p.pv.ptr + g * p.pv.head_stride;
-  // First column of tile t (prefix columns for t < n_pre, input columns after).
-  auto tile_col0 = [&](int t) { return t < n_pre ? t * BN : n_lo + (t - n_pre) * BN; };
-  auto load_kv = [&](int t, int buf) {
-    if (t < n_pre) {
-      load_tile_async<BN, kHeadDim, kThreads>(sK + buf * BN * S, k_pre, p.pk.row_stride, t * BN, s.P, s.D);
-      load_tile_async<BN, kHeadDim, kThreads>(sV + buf * BN * S, v_pre, p.pv.row_stride, t * BN, s.P, s.D);
-    } else {
-      const int n0 = tile_col0(t);
-      load_tile_async<BN, kHeadDim, kThreads>(sK + buf * BN * S, k_in, p.k.row_stride, n0, s.Lk, s.D);
-      load_tile_async<BN, kHeadDim, kThreads>(sV + buf * BN * S, v_in, p.v.row_stride, n0, s.Lk, s.D);
-    }
-  };
-
+  const auto walk = make_key_walk<BN, BM, C::kWarps, kCausal>(p, b, g, m0, scratch);
   const uint16_t* q_base = p.q.ptr + b * p.q.batch_stride + h * p.q.head_stride;
   load_tile_async<BM, kHeadDim, kThreads>(sQ, q_base, p.q.row_stride, m0, s.Lq, s.D);
-  if (n_tiles > 0) load_kv(0, 0);
-  cp_async_commit();
 
   float acc[kHeadDim / 8][4];
   zero(acc);
@@ -81,40 +53,21 @@ PK_DEVICE void fwd_block(const FwdParams& p, char* smem) {
   uint32_t qf[kHeadDim / 16][4];
   const int row_w = warp * 16 + lane / 4;  // local row of entries e < 2 (e >= 2: + 8)
 
-  for (int t = 0; t < n_tiles; ++t) {
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // everything but tile t + 1 has landed
-    block_sync();
+  // Two compiled bodies (edge, interior): fewer registers here than one body with a branch.
+  walk_key_tiles<kHeadDim, kThreads, true>(walk, sK, sV, [&](int t, saddr_t kt, saddr_t vt, auto edge) {
     if (t == 0) {
       PK_UNROLL
       for (int ks = 0; ks < kHeadDim / 16; ++ks) load_a<kHeadDim>(qf[ks], saddr(sQ), warp * 16, ks * 16, lane);
     }
-    const saddr_t kt = saddr(sK + (t & 1) * BN * S);
-    const saddr_t vt = saddr(sV + (t & 1) * BN * S);
     float sc[BN / 8][4];
     zero(sc);
     gemm_a_reg_b_nk<E, kHeadDim, BN, kHeadDim>(sc, qf, kt, lane);
-
-    const bool prefix_tile = t < n_pre;
-    const int col0 = tile_col0(t);
     PK_UNROLL
     for (int j = 0; j < BN / 8; ++j) {
       PK_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int col = col0 + 8 * j + 2 * (lane % 4) + (e & 1);
-        const int row = m0 + row_w + 8 * (e / 2);
-        bool ok;
-        if (prefix_tile) {
-          ok = col < s.P;
-        } else {
-          ok = col < s.Lk;
-          if (ok && kpm_row) ok = kpm_row[col] != 0;
-          if (kCausal) ok = ok && col <= row + s.Lk - s.Lq;
-        }
-        sc[j][e] = ok ? sc[j][e] * s.scale_log2 : kNegInf;
-      }
+      for (int e = 0; e < 4; ++e) sc[j][e] *= s.scale_log2;
     }
+    if (edge) walk.hide(t, sc, m0 + row_w, lane, kNegInf);
 
     // Online softmax: rows i = 0, 1 of this thread; the four threads of a row group share a row.
     PK_UNROLL
@@ -144,10 +97,8 @@ PK_DEVICE void fwd_block(const FwdParams& p, char* smem) {
       }
     }
     gemm_p_b_kn<E, BN, kHeadDim, kHeadDim>(acc, sc, vt, lane);
-    block_sync();  // tile t's buffers are free for tile t + 2
-  }
-  cp_async_wait<0>();
-  block_sync();  // every copy landed (Q's, when there was no tile) and sQ is no longer read
+  });
+  // Every copy landed (Q's, when there was no tile) and sQ is no longer read.
 
   float lse[2];
   PK_UNROLL

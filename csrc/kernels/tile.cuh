@@ -184,42 +184,50 @@ PK_DEVICE void acc_to_smem(uint16_t* tile, int row0, const float (&acc)[kN / 8][
   }
 }
 
-// Min and max over the block of two ints (scratch: 2 * kWarps ints of shared memory no one else uses).
+// Min, max and sum over the block of three ints (scratch: 3 * kWarps ints of shared memory no one else uses).
 template <int kWarps>
-PK_DEVICE void block_min_max(int& lo, int& hi, int* scratch) {
+PK_DEVICE void block_min_max_sum(int& lo, int& hi, int& n, int* scratch) {
   PK_UNROLL
   for (int m = 1; m < kWarpSize; m *= 2) {
-    const int olo = shfl_xor_int(lo, m), ohi = shfl_xor_int(hi, m);
-    lo = olo < lo ? olo : lo;
-    hi = ohi > hi ? ohi : hi;
+    const int olo = shfl_xor_int(lo, m), ohi = shfl_xor_int(hi, m), on = shfl_xor_int(n, m);
+    lo = imin(lo, olo);
+    hi = imax(hi, ohi);
+    n += on;
   }
   const int warp = thread_idx() / kWarpSize, lane = thread_idx() % kWarpSize;
   if (lane == 0) {
     scratch[warp] = lo;
     scratch[kWarps + warp] = hi;
+    scratch[2 * kWarps + warp] = n;
   }
   block_sync();
   lo = scratch[0];
   hi = scratch[kWarps];
+  n = scratch[2 * kWarps];
   PK_UNROLL
   for (int w = 1; w < kWarps; ++w) {
-    lo = scratch[w] < lo ? scratch[w] : lo;
-    hi = scratch[kWarps + w] > hi ? scratch[kWarps + w] : hi;
+    lo = imin(lo, scratch[w]);
+    hi = imax(hi, scratch[kWarps + w]);
+    n += scratch[2 * kWarps + w];
   }
 }
 
-// [first kept key, last kept key + 1) of one key-padding-mask row (lo = Lk, hi = 0 when none is kept).
+// The kept keys of one key-padding-mask row: [lo, hi) from the first kept key to the last + 1 (lo = Lk,
+// hi = 0 when none is kept), and whether every key in between is kept too (dense: the mask is that range).
 template <int kWarps>
-PK_DEVICE void kept_key_range(const uint8_t* mask_row, int Lk, int* scratch, int& lo, int& hi) {
+PK_DEVICE void kept_key_range(const uint8_t* mask_row, int Lk, int* scratch, int& lo, int& hi, bool& dense) {
   lo = Lk;
   hi = 0;
+  int n = 0;
   for (int j = thread_idx(); j < Lk; j += kWarps * kWarpSize) {
     if (mask_row[j]) {
-      lo = j < lo ? j : lo;
+      lo = imin(lo, j);
       hi = j + 1;  // j increases within a thread
+      ++n;
     }
   }
-  block_min_max<kWarps>(lo, hi, scratch);
+  block_min_max_sum<kWarps>(lo, hi, n, scratch);
+  dense = n == hi - lo;
 }
 
 }  // namespace pk

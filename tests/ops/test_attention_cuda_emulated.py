@@ -81,11 +81,14 @@ def test_emulated_head_dims_between_tiles(emu, head_dim):
     assert_parity(check_backend(inputs, NAME, causal=True))
 
 
-def test_emulated_multi_tile_shapes(emu):
-    """Several query, key and prefix tiles of every pass (64-row tiles), and Lq > Lk under causality."""
+@pytest.mark.parametrize("padding, causal", [("random", True), ("right", True), (None, False)])
+def test_emulated_multi_tile_shapes(emu, padding, causal):
+    """Several query, key and prefix tiles of every pass (64-row tiles), and Lq > Lk under causality. With
+    random padding every input tile is an edge tile (the padding has holes); with right padding (one kept
+    range) or none, the key walk also runs interior tiles, which skip the mask."""
     inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=150, len_k=131, prefix_len=70, head_dim=32,
-                         dtype=torch.float16, padding="random")
-    assert_parity(check_backend(inputs, NAME, causal=True))
+                         dtype=torch.float16, padding=padding)
+    assert_parity(check_backend(inputs, NAME, causal=causal))
 
 
 SCHEDULES = [(True, True, 0), (False, False, 1), (False, True, 2), (True, False, 3), (True, True, 4)]
