@@ -124,7 +124,9 @@ def prefix_attention_ref(
     prefix_lengths: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference prefix attention. Returns ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq])``.
+    """Reference prefix attention. Returns the pair ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq])``, always:
+    unlike ``prefix_attention``, which returns ``out`` alone unless ``return_lse=True``. Compare with
+    ``out_ref, _ = prefix_attention_ref(...)``.
 
     lse is float32, or float64 when computing in float64.
 
