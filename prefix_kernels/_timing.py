@@ -20,6 +20,8 @@ import torch
 TARGET_SPREAD = 0.10
 # ...and warn, when the rounds end, about a ratio whose range is wider than this.
 WARN_SPREAD = 0.20
+# The time cap may end the rounds before min_rounds, but not before this many (slow calls on a loaded machine).
+ROUNDS_AT_CAP = 3
 
 
 def quantiles(samples: list[float]) -> tuple[float, float, float]:
@@ -145,13 +147,15 @@ def peak_mib(fn, device: torch.device) -> float | None:
 
 def compare(fns: dict[str, Callable], device: torch.device | None = None, *, warmup: int = 1, min_rounds: int = 5,
             max_rounds: int = 200, time_cap_s: float = 5.0, target_spread: float = TARGET_SPREAD,
-            memory: bool = False, timer: Callable[[Callable], float] | None = None,
+            rounds_at_cap: int = ROUNDS_AT_CAP, memory: bool = False,
+            timer: Callable[[Callable], float] | None = None,
             clock: Callable[[], float] = time.perf_counter) -> Comparison:
     """Time the paths of ``fns`` (name -> callable) in turn, one call of each per round, the order rotating from
     round to round. After ``min_rounds``, stop as soon as the ratio of every path to the first one has a p20-p80
-    range within ``target_spread`` of its median (a single path: its own times), or when ``time_cap_s`` has passed,
-    or after ``max_rounds``. ``timer(fn) -> ms`` and ``clock() -> s`` can be replaced (tests use fakes); by default
-    they are :func:`wall_timer` and ``time.perf_counter``. ``memory``: also the CUDA peak of one call per path."""
+    range within ``target_spread`` of its median (a single path: its own times); after ``rounds_at_cap`` rounds
+    (or ``min_rounds`` if fewer), stop when ``time_cap_s`` has passed; stop after ``max_rounds`` in any case.
+    ``timer(fn) -> ms`` and ``clock() -> s`` can be replaced (tests use fakes); by default they are
+    :func:`wall_timer` and ``time.perf_counter``. ``memory``: also the CUDA peak of one call per path."""
     if not fns:
         raise ValueError("compare: fns is empty (give at least one path to time)")
     device = torch.device("cpu") if device is None else device
@@ -169,12 +173,10 @@ def compare(fns: dict[str, Callable], device: torch.device | None = None, *, war
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             samples[name].append(timer(fns[name]))
-        if r + 1 < min_rounds:
-            continue
-        if _spreads(samples, names) <= target_spread:
+        if r + 1 >= min_rounds and _spreads(samples, names) <= target_spread:
             stopped = f"spread within {target_spread:.0%} after {r + 1} rounds"
             break
-        if clock() - start >= time_cap_s:
+        if r + 1 >= min(min_rounds, rounds_at_cap) and clock() - start >= time_cap_s:
             stopped = f"time cap of {time_cap_s:g} s reached after {r + 1} rounds"
             break
     peaks = {name: peak_mib(fns[name], device) for name in names} if memory else {}
@@ -193,7 +195,7 @@ def measure(fn, device: torch.device, *, warmup: int = 3, reps: int = 10, min_ti
     """Median and 20/80% quantiles of ``fn()``'s time (CUDA events on a GPU), ``reps`` calls or more: on until
     ``min_time_s`` has passed, or the spread is within TARGET_SPREAD, at most ``10 * reps`` calls. Comparing paths?
     :func:`compare` times them in turn and gives their ratio with its spread."""
-    cmp = compare({"fn": fn}, device, warmup=warmup, min_rounds=reps, max_rounds=10 * reps,
+    cmp = compare({"fn": fn}, device, warmup=warmup, min_rounds=reps, max_rounds=10 * reps, rounds_at_cap=reps,
                   time_cap_s=min_time_s, target_spread=TARGET_SPREAD if min_time_s > 0 else float("inf"),
                   memory=True)
     return cmp.timing("fn")

@@ -79,6 +79,13 @@ def test_paths_run_in_turn_with_the_order_rotating():
     assert cmp.rounds == 3
 
 
+def test_the_time_cap_ends_slow_rounds_before_min_rounds_but_not_before_three():
+    # Calls of 4 s (a loaded machine) with a 6 s cap: three rounds (24 s), not min_rounds' five (40 s).
+    machine, cmp = run({"ours": [4000.0], "base": [4000.0, 4400.0]}, min_rounds=5, time_cap_s=6.0)
+    assert cmp.rounds == _timing.ROUNDS_AT_CAP == 3
+    assert cmp.stopped.startswith("time cap")
+
+
 def test_max_rounds_bounds_a_run_that_neither_settles_nor_reaches_the_cap():
     machine, cmp = run({"ours": [1.0, 9.0], "base": [1.0]}, min_rounds=2, max_rounds=7, time_cap_s=1e9)
     assert cmp.rounds == 7 and cmp.stopped.startswith("7 rounds")
