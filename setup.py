@@ -88,8 +88,9 @@ def plan_cuda_build() -> tuple[bool, dict]:
     record["inputs"] = inputs_hash(record)
     if os.environ.get("PREFIX_KERNELS_CUDA_BUILD") == "if-gpu" and not torch.cuda.is_available() and (
             up_to_date(record) is None):
-        why = ("no CUDA device is visible and PREFIX_KERNELS_CUDA_BUILD=if-gpu (its kernels could not run here; "
-               "`make test` builds it, as does PREFIX_KERNELS_CUDA_BUILD=1)")
+        why = ("no CUDA device is visible, so its kernels could not run here, and the build was asked for only with "
+               "a GPU (PREFIX_KERNELS_CUDA_BUILD=if-gpu, as `make demo` does). `make test` builds it, since the tests "
+               "load it; PREFIX_KERNELS_CUDA_BUILD=1 make demo forces it")
         old = read_record(os.path.join(HERE, "prefix_kernels"))
         if old.get("extension") == "built" and os.path.exists(inplace_library()):
             # Keep the record of the library that is in place, and say that it is behind its sources.
