@@ -42,8 +42,12 @@ def _machine_reasons(name: str, device, reasons: list[str]) -> list[str]:
                 "to time), which is not set" if "TRITON_INTERPRET is not set" in r else r for r in reasons]
     if name != "cuda":
         return reasons
-    if _ext.load() is None:  # the extension's own state is the first reason, and it is said as it is
-        return reasons + ([] if torch.cuda.is_available() else ["no CUDA device on this machine either"])
+    if _ext.load() is None:
+        if torch.cuda.is_available():
+            return reasons  # the extension's own state is the reason, and it is said as it is
+        built = str(_ext.build_info().get("extension", ""))
+        state = built if built.startswith("not built") else f"not loadable ({_ext.error()})"
+        return [f"no CUDA device on this machine, and the extension prefix_kernels._C is {state}"]
     if not torch.cuda.is_available():
         return ["no CUDA device on this machine (the extension prefix_kernels._C is loaded, but its kernels need a "
                 "CUDA GPU)"]
@@ -83,6 +87,8 @@ def cmd_info(_args=None, interpret_set_by: str | None = None) -> int:
     record = _ext.build_info()
     if err is None:
         state = f"loaded (built for TORCH_CUDA_ARCH_LIST={record.get('archs')!r} at {record.get('built_at')})"
+    elif str(record.get("extension", "")).startswith("not built") and "No module named" in err:
+        state = f"not available, {record['extension']}"
     else:
         state = f"not available: {err}"
     print(f"extension prefix_kernels._C: {state}")
