@@ -45,3 +45,11 @@ report: install
 
 bench: install
 	$(PYTHON) -m prefix_kernels bench
+
+# On a GPU machine with no package registry: validate and measure in one budgeted run, installing nothing
+# (see README, "On a GPU"). GPU_CHECK_OUT: the folder for its files; GPU_CHECK_BUDGET: seconds.
+GPU_CHECK_OUT ?= gpu-check-out
+GPU_CHECK_BUDGET ?= 480
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) -m prefix_kernels gpu-check --out $(GPU_CHECK_OUT) --budget-s $(GPU_CHECK_BUDGET)

@@ -10,6 +10,12 @@ peak memory of each (CUDA). Rows are appended to ``results/attention_<device>.cs
 
     python benchmarks/bench_attention.py            # the full grid, on a GPU
     python benchmarks/bench_attention.py --quick    # small shapes; the CPU smoke run (< 1 minute)
+    python benchmarks/bench_attention.py --grid goals --only prefix_kernels "sdpa[flash]" --deadline-s 120
+    python benchmarks/bench_attention.py --shapes L=512,2048 D=64 causal=1
+
+Rows are appended as they are measured, so a run cut by a time limit keeps what it measured. A provider whose
+score tensors would not fit in memory (the torch backend at L = 8192) is skipped with the reason in its rows; a
+FlexAttention call that fell back to its unfused path is reported as such, never timed as "flex".
 """
 
 from __future__ import annotations
@@ -24,31 +30,46 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py, and this checkout's prefix_kernels before an installed one
 from common import (  # noqa: E402
+    DEADLINE_HELP,
     RESULTS,
+    SHAPES_HELP,
     THREADS_HELP,
+    Deadline,
     Progress,
-    append_csv,
+    RowSink,
     line_plot,
+    matches,
     run_metadata,
     set_cpu_threads,
+    shape_filter,
     slug,
-    write_json,
 )
 
 from prefix_kernels._timing import measure  # noqa: E402
-from prefix_kernels.perf import Shape, available_providers, make_tensors  # noqa: E402
+from prefix_kernels.perf import FlexFallback, Shape, available_providers, make_tensors, memory_reason  # noqa: E402
 
 MODES = ("fwd", "bwd", "full")
 
 
-def grid(quick: bool, device: torch.device) -> list[Shape]:
-    if quick or device.type != "cuda":
+ALIASES = {"B": "batch", "H": "heads_q", "Hq": "heads_q", "Hkv": "heads_kv", "L": "seq", "P": "prefix", "D": "head_dim",
+           **{f: f for f in ("batch", "heads_q", "heads_kv", "seq", "prefix", "head_dim", "causal")}}
+
+
+def grid(kind: str, device: torch.device) -> list[Shape]:
+    """quick: small shapes (the CPU's grid); full: the GPU sweep; goals: the full sweep, the shapes that answer the
+    issue's goals first (the GQA decoder and the MHA encoder at P = 64, every L), for a run cut by a time limit."""
+    if kind == "quick" or device.type != "cuda":
         return [Shape(max(1, 512 // L), 4, Hkv, L, P, 64, causal)
                 for L, Hkv, P, causal in itertools.product((64, 128), (4, 2), (16,), (False, True))]
     tokens = 16384
-    return [Shape(max(1, tokens // L), 32, Hkv, L, P, D, causal)
+    full = [Shape(max(1, tokens // L), 32, Hkv, L, P, D, causal)
             for D, Hkv, P, L, causal in itertools.product((64, 128), (32, 8), (16, 64, 256), (128, 512, 2048, 8192),
                                                           (False, True))]
+    if kind == "full":
+        return full
+    first = [s for hkv, causal in ((8, True), (32, False)) for D in (64, 128) for s in full
+             if (s.heads_kv, s.causal, s.head_dim, s.prefix) == (hkv, causal, D, 64)]
+    return first + [s for s in full if s not in first]
 
 
 def bench_one(fn, shape: Shape, dtype, device, reps: int) -> dict:
@@ -69,53 +90,84 @@ def bench_one(fn, shape: Shape, dtype, device, reps: int) -> dict:
     return results
 
 
+def measure_rows(name: str, fn, shape: Shape, dtype, device, reps: int, base: dict) -> list[dict]:
+    """The three rows (fwd, bwd, full) of one provider at one shape; a provider that refuses the shape, does not fit
+    or falls back gets rows that say so."""
+    skip = memory_reason(name, shape, device)
+    try:
+        if skip:
+            raise _Skip(skip)
+        timings = bench_one(fn(), shape, dtype, device, reps)
+    except (RuntimeError, ValueError, NotImplementedError, _Skip) as e:  # e.g. an SDPA kernel refusing a shape
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        kind = "fallback" if isinstance(e, FlexFallback) else "unsupported"
+        status = reason if isinstance(e, _Skip) else f"{kind}: {reason}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [{**base, "mode": m, "median_ms": "", "p20_ms": "", "p80_ms": "", "tflops": "", "peak_mib": "",
+                 "status": status} for m in MODES]
+    rows = []
+    for mode, t in timings.items():
+        flops = {"fwd": shape.forward_flops(), "bwd": shape.backward_flops(),
+                 "full": shape.forward_flops() + shape.backward_flops()}[mode]
+        rows.append({**base, "mode": mode, "median_ms": round(t.median_ms, 4), "p20_ms": round(t.p20_ms, 4),
+                     "p80_ms": round(t.p80_ms, 4), "tflops": float(f"{flops / t.median_ms / 1e9:.4g}"),
+                     "peak_mib": "" if t.peak_mib is None else round(t.peak_mib, 1), "status": "ok"})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+class _Skip(Exception):
+    pass
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the CPU smoke run)")
+    parser.add_argument("--grid", choices=("quick", "full", "goals"), help="the shape grid (default: full on a GPU, "
+                                                                            "quick on a CPU or with --quick)")
+    parser.add_argument("--shapes", nargs="*", help=SHAPES_HELP)
     parser.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
-    parser.add_argument("--providers", nargs="*", help="substrings selecting providers (default: all available)")
+    parser.add_argument("--providers", "--only", nargs="*", dest="providers",
+                        help="substrings selecting providers (default: all available)")
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--deadline-s", type=float, help=DEADLINE_HELP)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
+    deadline = Deadline(args.deadline_s)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        filters = shape_filter(args.shapes, ALIASES)
+    except ValueError as e:
+        parser.error(str(e))
     meta = {**run_metadata(device), "cpu_threads": set_cpu_threads(device, args.threads, True)}
     providers = available_providers(device)
     if args.providers:
         providers = {n: f for n, f in providers.items() if any(s in n for s in args.providers)}
-    shapes = grid(args.quick, device)
+    shapes = [s for s in grid("quick" if args.quick else args.grid or "full", device)
+              if matches(filters, {f: getattr(s, f) for f in s.__dataclass_fields__})]
     reps = 3 if device.type == "cpu" else 20
     progress = Progress(len(shapes) * len(providers), "bench_attention")
-    rows = []
+    stem = os.path.join(args.out, f"attention_{slug(meta['device'])}")
+    sink = RowSink(stem, meta)
     built = {}
     for shape in shapes:
+        if deadline.passed():
+            print(f"\n--deadline-s {args.deadline_s:g} reached: {len(sink.rows) // len(MODES)} measurements kept",
+                  file=sys.stderr)
+            break
         for name, factory in providers.items():
             progress.step(f"{name} L={shape.seq} P={shape.prefix} D={shape.head_dim}")
             base = {**meta, "provider": name, "dtype": str(dtype).replace("torch.", ""),
                     **{f: getattr(shape, f) for f in shape.__dataclass_fields__}}
-            try:
-                fn = built.setdefault(name, factory())
-                timings = bench_one(fn, shape, dtype, device, reps)
-            except (RuntimeError, ValueError, NotImplementedError) as e:  # e.g. an SDPA kernel refusing a shape
-                reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-                rows += [{**base, "mode": m, "median_ms": "", "p20_ms": "", "p80_ms": "", "tflops": "",
-                          "peak_mib": "", "status": f"unsupported: {reason}"} for m in MODES]
-                continue
-            for mode, t in timings.items():
-                flops = {"fwd": shape.forward_flops(), "bwd": shape.backward_flops(),
-                         "full": shape.forward_flops() + shape.backward_flops()}[mode]
-                rows.append({**base, "mode": mode, "median_ms": round(t.median_ms, 4), "p20_ms": round(t.p20_ms, 4),
-                             "p80_ms": round(t.p80_ms, 4), "tflops": float(f"{flops / t.median_ms / 1e9:.4g}"),
-                             "peak_mib": "" if t.peak_mib is None else round(t.peak_mib, 1), "status": "ok"})
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    stem = os.path.join(args.out, f"attention_{slug(meta['device'])}")
-    append_csv(stem + ".csv", rows)
-    write_json(stem + ".json", meta, rows)
-    print(f"wrote {len(rows)} rows to {stem}.csv (appended) and {stem}.json (this run)")
-    if not args.no_plot:
+            sink.add(measure_rows(name, lambda factory=factory, name=name: built.setdefault(name, factory()), shape,
+                                  dtype, device, reps, base))
+    rows = sink.rows
+    print(f"wrote {len(rows)} rows to {stem}.csv (appended as measured) and {stem}.json (this run)")
+    if not args.no_plot and rows:
         for mode in MODES:
             panels: dict = {}
             for r in rows:

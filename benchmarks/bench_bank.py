@@ -19,13 +19,15 @@ speed measurement) in fp32; on a GPU "auto" (Triton: the cuda backend declines b
 
     python benchmarks/bench_bank.py            # the full sizes (a GPU)
     python benchmarks/bench_bank.py --quick    # small models: the CPU smoke run (< 2 minutes)
+    python benchmarks/bench_bank.py --only decode --ks 4 16 --deadline-s 120
+
+Rows are appended to the CSV (and the JSON rewritten) as each is measured: a run cut by a time limit keeps them.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -35,7 +37,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import RESULTS, Progress, append_csv, line_plot, run_metadata, set_cpu_threads, slug  # noqa: E402
+from common import (  # noqa: E402
+    DEADLINE_HELP,
+    RESULTS,
+    Deadline,
+    Progress,
+    RowSink,
+    line_plot,
+    run_metadata,
+    set_cpu_threads,
+    slug,
+)
 
 import prefix_kernels as pk  # noqa: E402
 from prefix_kernels._timing import measure  # noqa: E402
@@ -148,7 +160,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, help="timed repetitions per measurement (default: 3 quick, 10 full)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads on a CPU (default: torch's)")
     parser.add_argument("--ks", type=int, nargs="+", help="numbers of tasks K (default: 1 4 16)")
+    parser.add_argument("--only", nargs="*", choices=("serve-encoder", "decode", "train-step"),
+                        help="workloads to run (default: all three)")
+    parser.add_argument("--deadline-s", type=float, help=DEADLINE_HELP)
     args = parser.parse_args(argv)
+    deadline = Deadline(args.deadline_s)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -160,12 +176,18 @@ def main(argv=None) -> int:
         s["ks"] = tuple(args.ks)
     meta = {**run_metadata(device), "cpu_threads": set_cpu_threads(device, args.threads, False)}
     encoder, decoder = _models(s, device, dtype)
-    kinds = (("serve-encoder", encoder), ("decode", decoder), ("train-step", encoder))
+    kinds = tuple((kind, model) for kind, model in (("serve-encoder", encoder), ("decode", decoder),
+                                                    ("train-step", encoder)) if not args.only or kind in args.only)
     progress = Progress(len(kinds) * len(s["ks"]) * len(PATHS), "bench_bank")
-    rows = []
     start = time.time()
+    stem = os.path.join(args.out, f"bank_{slug(meta['device'])}")
+    run_meta = {**meta, "quick": args.quick, "seconds": None, "sizes": dict(s)}
+    sink = RowSink(stem, run_meta)
+    rows = sink.rows
     for kind, model in kinds:
         for k in s["ks"]:
+            if deadline.passed():
+                break
             config = pk.PrefixConfig(num_virtual_tokens=s["P"], prefix_projection=kind == "train-step",
                                      encoder_hidden_size=256 if args.quick else 512, backend=backend)
             paths, handles = _workloads(model, k, s, device, kind, config)
@@ -173,25 +195,21 @@ def main(argv=None) -> int:
                 for path, (fn, tokens) in paths.items():
                     progress.step(f"{kind} K={k} {path}")
                     t = measure(fn, device, warmup=1, reps=s["reps"])
-                    rows.append({**meta, "workload": kind, "K": k, "rows_per_task": s["rows"], "P": s["P"],
+                    sink.add([{**meta, "workload": kind, "K": k, "rows_per_task": s["rows"], "P": s["P"],
                                  "seq": s["prompt"] if kind == "decode" else s["seq"],
                                  "new_tokens": s["new"] if kind == "decode" else "",
                                  "dtype": str(dtype).replace("torch.", ""), "backend": backend, "path": path,
                                  "median_ms": round(t.median_ms, 3), "tokens": tokens,
                                  "tokens_per_s": round(tokens / t.median_ms * 1e3, 1),
-                                 "peak_mib": "" if t.peak_mib is None else round(t.peak_mib, 1)})
+                                 "peak_mib": "" if t.peak_mib is None else round(t.peak_mib, 1)}])
             finally:
                 for handle in handles:
                     handle.remove()
 
-    stem = os.path.join(args.out, f"bank_{slug(meta['device'])}")
-    append_csv(stem + ".csv", rows)
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": {**meta, "quick": args.quick, "seconds": round(time.time() - start, 1),
-                            "sizes": {k: v for k, v in s.items()}}, "rows": rows}, f, indent=1)
-        f.write("\n")
-    print(f"wrote {len(rows)} rows to {stem}.csv and {stem}.json")
-    if not args.no_plot:
+    run_meta["seconds"] = round(time.time() - start, 1)
+    sink.write()
+    print(f"wrote {len(rows)} rows to {stem}.csv and {stem}.json (appended as measured)")
+    if not args.no_plot and rows:
         panels: dict = {}
         for r in rows:
             panels.setdefault(r["workload"], {}).setdefault(r["path"], []).append((r["K"], r["tokens_per_s"]))
@@ -202,6 +220,8 @@ def main(argv=None) -> int:
     for kind, _ in kinds:
         for k in s["ks"]:
             pair = {r["path"]: r for r in rows if r["workload"] == kind and r["K"] == k}
+            if len(pair) < len(PATHS):
+                continue
             a, b = pair[PATHS[0]]["tokens_per_s"], pair[PATHS[1]]["tokens_per_s"]
             print(f"{kind:14} {k:>3}  {a:>16.1f} {b:>16.1f} {a / b:>7.2f}x")
     return 0

@@ -27,9 +27,10 @@ bf16=True) and generation in bf16 weights; on a CPU everything is fp32 and our a
 
     python benchmarks/bench_e2e.py            # the full grid, on a GPU (not yet run on one)
     python benchmarks/bench_e2e.py --quick    # tiny models of the same families: the CPU run (about 25 s here)
+    python benchmarks/bench_e2e.py --only "BERT-base train P=64" generate --reps 5 --deadline-s 200
 
-Writes ``e2e_<device>.json`` (this run) and appends to ``e2e_<device>.csv`` under ``--out``; ``e2e_<device>.png``
-plots our ratios to the baseline.
+Writes ``e2e_<device>.json`` (this run) and appends to ``e2e_<device>.csv`` under ``--out`` as each workload is
+measured (a run cut by a time limit keeps what it measured); ``e2e_<device>.png`` plots our ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -49,15 +50,19 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py, and this checkout's prefix_kernels before an installed one
 from common import (  # noqa: E402
+    DEADLINE_HELP,
     RESULTS,
+    SHAPES_HELP,
     THREADS_HELP,
+    Deadline,
     Progress,
-    append_csv,
+    RowSink,
     bar_plot,
+    matches,
     run_metadata,
     set_cpu_threads,
+    shape_filter,
     slug,
-    write_json,
 )
 
 import prefix_kernels as pk  # noqa: E402
@@ -434,14 +439,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ALIASES = {"B": "batch", "L": "seq", "P": "prefix", **{f: f for f in ("batch", "seq", "prefix", "family", "task")}}
+
+
+def select(workloads: list[Workload], only: list[str] | None, filters: dict) -> list[Workload]:
+    """The workloads matching ``filters`` and, with ``only``, a substring of their name, in the order of the first
+    substring each matches (so the workloads that matter most run first)."""
+    kept = [w for w in workloads if matches(filters, {f: getattr(w, f) for f in ("batch", "seq", "prefix", "family",
+                                                                                  "task")})]
+    if not only:
+        return kept
+    ranked = [(min((i for i, s in enumerate(only) if s in w.name), default=None), w) for w in kept]
+    return [w for _, w in sorted(((r, w) for r, w in ranked if r is not None), key=lambda rw: rw[0])]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models of the same families (the CPU run)")
     parser.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
-    parser.add_argument("--only", nargs="*", help="substrings selecting workloads by name")
+    parser.add_argument("--only", nargs="*", help="substrings selecting workloads by name, run in the order of the "
+                                                   "first substring each matches")
+    parser.add_argument("--shapes", nargs="*", help=SHAPES_HELP)
+    parser.add_argument("--reps", type=int, help="timed calls per measurement (default 10, 3 with --quick)")
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--deadline-s", type=float, help=DEADLINE_HELP)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    deadline = Deadline(args.deadline_s)
+    try:
+        filters = shape_filter(args.shapes, ALIASES)
+    except ValueError as e:
+        parser.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = "quick" if args.quick or device.type != "cuda" else "full"
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT's use of `past_key_values` (transformers 5.24)
@@ -449,19 +477,23 @@ def main(argv=None) -> int:
         print("no GPU: running the --quick grid (tiny models; the full grid is for a GPU)", file=sys.stderr)
     start = time.perf_counter()
     meta = {**run_metadata(device), "size": chosen, "cpu_threads": set_cpu_threads(device, args.threads, True)}
-    workloads = [w for w in grid(chosen) if not args.only or any(s in w.name for s in args.only)]
+    workloads = select(grid(chosen), args.only, filters)
     bench = Bench(device, chosen, meta)
+    if args.reps:
+        bench.reps = (1, args.reps)
     progress = Progress(len(workloads), "bench_e2e")
-    rows = []
-    for w in workloads:
-        progress.step(w.name)
-        rows += bench.run(w)
-    meta["seconds"] = round(time.perf_counter() - start, 1)
-
     stem = os.path.join(args.out, f"e2e_{slug(meta['device'])}")
-    write_json(stem + ".json", meta, rows, targets=TARGETS)
-    append_csv(stem + ".csv", rows)
-    if not args.no_plot:
+    sink = RowSink(stem, meta, targets=TARGETS)
+    for w in workloads:
+        if deadline.passed():
+            print(f"\n--deadline-s {args.deadline_s:g} reached before {w.name}", file=sys.stderr)
+            break
+        progress.step(w.name)
+        sink.add(bench.run(w))
+    rows = sink.rows
+    meta["seconds"] = round(time.perf_counter() - start, 1)
+    sink.write()
+    if not args.no_plot and rows:
         plot(stem + ".png", rows, meta)
     print(f"{meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, "
           f"commit {meta['commit']}; {chosen} grid in {meta['seconds']} s")

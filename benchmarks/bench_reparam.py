@@ -8,10 +8,10 @@ with saved-tensor hooks, on any device), and the peak memory of forward + backwa
 On a GPU the full grid runs in fp32 and under bf16 autocast; on a CPU only the torch paths are timed
 (the Triton interpreter is not a speed measurement), and ``--quick`` runs a small grid in seconds.
 
-    python benchmarks/bench_reparam.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_reparam.py [--quick] [--out benchmarks/results] [--shapes P=16,64] [--deadline-s S]
 
 Writes ``reparam_<device>.json`` (this run, with device, versions and git commit) and appends to
-``reparam_<device>.csv`` under ``--out``.
+``reparam_<device>.csv`` under ``--out``, each row as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import device_name, git_commit, slug  # noqa: E402
+from common import DEADLINE_HELP, SHAPES_HELP, Deadline, device_name, git_commit, matches, shape_filter, slug  # noqa: E402
 
 from prefix_kernels import PrefixEncoder  # noqa: E402
 from prefix_kernels._timing import held_mib, measure  # noqa: E402
@@ -130,7 +130,8 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def run(quick: bool, device: torch.device):
+def run(quick: bool, device: torch.device, on_row=None, filters=None, deadline=None):
+    """The rows of the grid; each is also handed to ``on_row`` as soon as it is measured."""
     fused = device.type == "cuda"
     if quick or device.type == "cpu":
         shapes = [Shape(P=16, batch=8), Shape(P=64, batch=8)] if quick else [Shape(P, 64) for P in (16, 64, 128)]
@@ -138,11 +139,16 @@ def run(quick: bool, device: torch.device):
     else:
         shapes = [Shape(P, 64) for P in (16, 64, 128)]
         precisions = [None, torch.bfloat16]
+    shapes = [s for s in shapes if matches(filters or {}, {f: getattr(s, f) for f in s.__dataclass_fields__})]
     reps = 3 if quick or not fused else 20
     rows = []
     bar = _progress(len(shapes) * len(precisions) * 5)
     for shape in shapes:
         for autocast in precisions:
+            if deadline is not None and deadline.passed():
+                print("\n--deadline-s reached", file=sys.stderr)
+                bar.close()
+                return rows
             torch.manual_seed(0)
             for name, (fn, params) in _providers(shape, device, fused).items():
                 with _autocast(device, autocast):
@@ -164,6 +170,8 @@ def run(quick: bool, device: torch.device):
                     "held_mib": None if held is None else round(held, 2),
                     "peak_mib_fwd_bwd": None if full is None or full.peak_mib is None else round(full.peak_mib, 2),
                 })
+                if on_row is not None:
+                    on_row(rows[-1])
                 bar.update()
     bar.close()
     return rows
@@ -184,11 +192,20 @@ def _print(rows, meta):
               f"{f(r['peak_mib_fwd_bwd'], '.1f'):>9}")
 
 
+ALIASES = {"B": "batch", "P": "P", "batch": "batch", "L": "L", "D": "D", "Hkv": "Hkv", "hidden": "hidden"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds on a CPU)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the CSV/JSON")
+    parser.add_argument("--shapes", nargs="*", help=SHAPES_HELP + " (P, B, L layers, Hkv, D, hidden)")
+    parser.add_argument("--deadline-s", type=float, help=DEADLINE_HELP)
     args = parser.parse_args(argv)
+    try:
+        filters = shape_filter(args.shapes, ALIASES)
+    except ValueError as e:
+        parser.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         import triton
@@ -197,30 +214,39 @@ def main(argv=None) -> int:
     except ImportError:
         triton_version = "not installed"
     start = time.time()
-    rows = run(args.quick, device)
     meta = {
         "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-        "commit": git_commit(), "quick": args.quick, "seconds": round(time.time() - start, 1),
+        "commit": git_commit(), "quick": args.quick, "seconds": None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "note": "" if device.type == "cuda" else
         "CPU: the fused Triton path is not timed (the interpreter is not a speed measurement); peak memory is "
         "measured on CUDA only",
     }
-    _print(rows, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = slug(meta["device"])
-    (out / f"reparam_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    csv_path = out / f"reparam_{name}.csv"
-    fields = ["date", "device", "torch", "triton", "commit", *rows[0].keys()]
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow({k: meta[k] for k in ("date", "device", "torch", "triton", "commit")} | r)
-    print(f"wrote {out / f'reparam_{name}.json'} and appended to {csv_path} ({meta['seconds']} s)")
+    json_path, csv_path = out / f"reparam_{name}.json", out / f"reparam_{name}.csv"
+    measured: list[dict] = []
+
+    def write_json():
+        json_path.write_text(json.dumps({"meta": meta, "rows": measured}, indent=1) + "\n")
+
+    def on_row(row: dict) -> None:  # appended as measured: a run cut by a time limit keeps its rows
+        measured.append(row)
+        fields = ["date", "device", "torch", "triton", "commit", *row.keys()]
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: meta[k] for k in ("date", "device", "torch", "triton", "commit")} | row)
+        write_json()
+
+    rows = run(args.quick, device, on_row, filters, Deadline(args.deadline_s))
+    meta["seconds"] = round(time.time() - start, 1)
+    write_json()
+    _print(rows, meta)
+    print(f"wrote {json_path} and appended to {csv_path} as measured ({meta['seconds']} s)")
     return 0
 
 

@@ -58,7 +58,17 @@ def run_metadata(device: torch.device) -> dict:
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "peft": _version("peft"),
+        "tiles": tile_table(),
     }
+
+
+def tile_table() -> str:
+    """Which Triton tile table the kernels use in this run (built-in, or a measured one and where from)."""
+    try:
+        from prefix_kernels.ops.attention import tile_overrides
+    except ImportError as e:
+        return f"unknown ({e})"
+    return tile_overrides.describe()
 
 
 def set_cpu_threads(device: torch.device, requested: int | None, small: bool) -> int:
@@ -182,3 +192,69 @@ def bar_plot(path: str, groups: dict, ylabel: str, title: str, reference_lines: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+SHAPES_HELP = ("keep only the shapes matching every KEY=V1,V2 filter (say: L=512,2048 D=64 causal=1); keys: "
+               "the grid's fields and their short names")
+
+
+def shape_filter(tokens: list[str] | None, aliases: dict[str, str]) -> dict[str, set[str]]:
+    """``["L=512,2048", "causal=1"]`` -> ``{"seq": {"512", "2048"}, "causal": {"True"}}`` (names through ``aliases``:
+    short name -> field); a ValueError names a malformed token or an unknown key."""
+    known = set(aliases.values())
+    out: dict[str, set[str]] = {}
+    for token in tokens or []:
+        key, sep, values = token.partition("=")
+        field = aliases.get(key, key)
+        if not sep or not values:
+            raise ValueError(f"--shapes: {token!r} is not KEY=V1,V2")
+        if field not in known:
+            raise ValueError(f"--shapes: unknown key {key!r} (known: {', '.join(sorted(aliases))})")
+        out[field] = {_canonical(v) for v in values.split(",")}
+    return out
+
+
+def _canonical(value) -> str:
+    """Values compared as text, with booleans spelled any of 1/0, true/false, True/False."""
+    text = str(value)
+    return {"1": "True", "true": "True", "0": "False", "false": "False"}.get(text.lower(), text)
+
+
+def matches(filters: dict[str, set[str]], values: dict) -> bool:
+    """Whether ``values`` (field -> value) passes every filter."""
+    return all(_canonical(values[f]) in allowed for f, allowed in filters.items())
+
+
+class Deadline:
+    """``--deadline-s``: a run starts no new measurement after this many seconds and writes what it has."""
+
+    def __init__(self, seconds: float | None):
+        import time
+
+        self._clock = time.monotonic
+        self.end = None if seconds is None else self._clock() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and self._clock() > self.end
+
+
+DEADLINE_HELP = "start no new measurement after this many seconds (the rows so far are already written)"
+
+
+class RowSink:
+    """Rows appended to ``stem.csv`` as they are measured, and ``stem.json`` (this run) rewritten with them, so a run
+    cut by a time limit leaves what it measured."""
+
+    def __init__(self, stem: str, meta: dict, **extra):
+        self.stem, self.meta, self.extra, self.rows = stem, meta, extra, []
+
+    def add(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.rows += rows
+        append_csv(self.stem + ".csv", rows)
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite this run's JSON (say, once the metadata gained the run's duration)."""
+        write_json(self.stem + ".json", self.meta, self.rows, **self.extra)

@@ -1,4 +1,4 @@
-"""Command line of prefix_kernels: python -m prefix_kernels {info,demo,bench,report}
+"""Command line of prefix_kernels: python -m prefix_kernels {info,demo,bench,report,gpu-check}
 
   info    versions, the device, the CUDA extension, and which backend can serve on this machine (and why not)
   demo    prefix tuning of a small BERT classifier and a small decoder (transformers, random weights): parity with
@@ -6,6 +6,7 @@
           kernels alone: parity of every backend with the reference, speed beside concatenating + SDPA
   bench   the same timing over a sweep of shapes (on a CPU: the torch backend only)
   report  the static kernel report (compiles every shipped Triton kernel for sm80/sm90; no GPU needed)
+  gpu-check  validate and measure on a GPU in one budgeted run, installing nothing (--dry-run: on a CPU)
 
 Timings: the compared paths run in turn, round after round, until the ratio of their times settles or a time cap
 is reached; every time is a median with its 20%-80% range, and a ratio too noisy to read is marked as such.
@@ -292,6 +293,9 @@ def main(argv=None) -> int:
                         "--quick: 1)")
     r = sub.add_parser("report", help="static kernel report (no GPU needed)")
     r.add_argument("rest", nargs=argparse.REMAINDER)
+    from . import gpucheck
+
+    gpucheck.add_arguments(sub.add_parser("gpu-check", help="validate and measure on a GPU in one budgeted run"))
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.cmd != "report":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -302,7 +306,9 @@ def main(argv=None) -> int:
             args.time_cap_s = 1.0 if args.quick else 3.0
         elif args.time_cap_s <= 0:
             parser.error(f"--time-cap-s must be positive, got {args.time_cap_s}")
-    return {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "report": cmd_report}[args.cmd](args)
+    commands = {"info": cmd_info, "demo": cmd_demo, "bench": cmd_bench, "report": cmd_report,
+                "gpu-check": gpucheck.main}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

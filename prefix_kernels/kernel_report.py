@@ -294,6 +294,9 @@ _MANGLED = re.compile(r"attention_kernelINS_\d+(\w+?Kernel)INS_4(Fp16|Bf16)E(?:L
 
 
 def find_cuobjdump() -> str | None:
+    """A cuobjdump executable: on PATH, in CUDA_HOME/bin or /usr/local/cuda/bin, from the
+    ``nvidia-cuda-cuobjdump`` wheel, or the one Triton ships in ``triton/backends/nvidia/bin`` (Triton 3.6 and
+    newer do; a GPU machine without the wheel still has it)."""
     import importlib.util
     import shutil
 
@@ -305,6 +308,8 @@ def find_cuobjdump() -> str | None:
     for base in (spec.submodule_search_locations or []) if spec else []:
         for sub in ("cu13", "cu12", "cuda_cuobjdump"):
             candidates.append(os.path.join(base, sub, "bin", "cuobjdump"))
+    if importlib.util.find_spec("triton") is not None:
+        candidates.append(_cuobjdump())
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
@@ -393,9 +398,11 @@ def main(argv=None) -> int:
             crows = cuda_rows()
         except RuntimeError as e:
             print(f"CUDA kernels: not reported ({e})")
+            if args.only == "cuda":  # asked for the CUDA kernels alone: reporting nothing is a failure
+                return 2
         else:
             print(format_cuda_table(crows) + "\n")
-            ok &= all(r.ok for r in crows)
+            ok &= bool(crows) and all(r.ok for r in crows)
     if args.only == "cuda":
         return 0 if ok else 1
     rows = run(tuple(args.arch), args.jobs, only=None if args.only in (None, "triton") else args.only)

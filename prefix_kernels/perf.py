@@ -81,24 +81,57 @@ def sdpa(kernel: str | None = None) -> Callable:
     return run
 
 
+class FlexFallback(RuntimeError):
+    """FlexAttention ran its unfused eager path (dynamo gave up compiling): not a FlexAttention timing."""
+
+
+def _flex_warned() -> bool:
+    from torch.nn.attention import flex_attention as module
+
+    return "flex_attention_performance" in getattr(module, "_WARNINGS_SHOWN", ())
+
+
 def flex() -> Callable:
-    """Concatenate, then FlexAttention (compiled) with a bottom-right causal mask_mod."""
+    """Concatenate, then FlexAttention (compiled) with a bottom-right causal mask_mod.
+
+    Compiled with dynamic shapes, so a sweep does not recompile per shape; dynamo's recompile limit is raised and
+    made an error, and the first call at each shape checks that the unfused eager path (which FlexAttention warns
+    about) did not run: a fallback raises :class:`FlexFallback`, so it is reported, never timed as "flex"."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    compiled = torch.compile(flex_attention, dynamic=False)
-    masks = {}
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = max(config.recompile_limit, 64)
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(flex_attention, dynamic=True)
+    masks: dict = {}
+    checked: set = set()
 
     def run(q, k, v, pk, pv, causal):
         kk, vv = _concat(k, pk), _concat(v, pv)
         block_mask = None
+        L, n = q.shape[2], kk.shape[2]
         if causal:
-            L, n = q.shape[2], kk.shape[2]
             key = (L, n, q.device)
             if key not in masks:
                 offset = n - L
                 masks[key] = create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, L, n, device=q.device)
             block_mask = masks[key]
-        return compiled(q, kk, vv, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        shape = (tuple(q.shape), n, causal, q.dtype)
+        warned = _flex_warned()
+        try:
+            out = compiled(q, kk, vv, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        except Exception as e:
+            if "recompile" in type(e).__name__.lower() or "limit" in str(e).lower():
+                raise FlexFallback(f"dynamo's recompile limit was hit ({type(e).__name__})") from e
+            raise
+        if shape not in checked:
+            if not warned and _flex_warned():
+                raise FlexFallback("FlexAttention ran its unfused eager path (not compiled)")
+            checked.add(shape)
+        return out
 
     return run
 
@@ -113,6 +146,37 @@ def flash_attn() -> Callable:
         return out.transpose(1, 2)
 
     return run
+
+
+# Providers that hold score-sized tensors ([B, Hq, L, P + L]): about this many fp32 copies for forward + backward.
+SCORE_COPIES = {"prefix_kernels[torch]": 4, "concat+sdpa": 4, "concat+sdpa[math]": 4}
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a benchmark may still take: free CUDA memory, or the CPU's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def memory_reason(provider: str, shape: Shape, device: torch.device) -> str | None:
+    """Why ``provider`` is skipped at ``shape`` (its score tensors would not fit), or None."""
+    copies = SCORE_COPIES.get(provider)
+    if not copies:
+        return None
+    scores = shape.batch * shape.heads_q * shape.seq * (shape.prefix + shape.seq) * 4
+    free = free_bytes(device)
+    if copies * scores <= 0.8 * free:
+        return None
+    return (f"skipped: its score tensors need about {copies * scores / 2**30:.1f} GiB ({copies} x fp32 "
+            f"[{shape.batch}, {shape.heads_q}, {shape.seq}, {shape.prefix + shape.seq}]), {free / 2**30:.1f} GiB free")
 
 
 def available_providers(device: torch.device) -> dict[str, Callable[[], Callable]]:

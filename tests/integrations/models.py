@@ -168,3 +168,28 @@ def compile_recording(model):
 
     torch._dynamo.reset()
     return torch.compile(model, backend=backend, fullgraph=True), graphs
+
+
+def checkpointing_enable(model, **checkpoint_kwargs):
+    """Activation (gradient) checkpointing by transformers' new name where it has one (5.24:
+    ``activation_checkpointing_enable``; the old ``gradient_checkpointing_enable`` warns FutureWarning), else the
+    old (5.17, the GPU machine's). ``checkpoint_kwargs`` go to ``torch.utils.checkpoint.checkpoint``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs or None)
+
+
+def checkpointing_disable(model):
+    """The undo of :func:`checkpointing_enable`, by the same rule."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(model) -> bool:
+    """``model.is_activation_checkpointing`` (5.24), else ``is_gradient_checkpointing`` (5.17)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing

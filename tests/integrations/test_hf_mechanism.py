@@ -122,8 +122,8 @@ def test_disabled_is_the_model_before():
 
 
 def test_cross_attention_delegates_to_the_previous_implementation():
-    """GPT-2 with cross-attention: the self-attention takes the prefix; the cross-attention has no slot and is
-    served by the model's previous implementation (sdpa) with the mask it expects."""
+    """GPT-2 with cross-attention: the self-attention takes the prefix; the cross-attention's slot only names the
+    model's previous implementation (sdpa), which serves it with the mask it expects."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     model = build("gpt2", add_cross_attention=True)

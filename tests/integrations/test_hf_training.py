@@ -9,7 +9,20 @@ import torch
 from prefix_kernels.integrations.hf import attention as hf_attention
 from prefix_kernels.integrations.hf.reference import eager_forward
 
-from .models import apply, assert_rule, batch, build, compile_recording, eager_copy, loss_of, outputs, real
+from .models import (
+    apply,
+    assert_rule,
+    batch,
+    build,
+    checkpointing_disable,
+    checkpointing_enable,
+    compile_recording,
+    eager_copy,
+    is_checkpointing,
+    loss_of,
+    outputs,
+    real,
+)
 
 
 def _grads(handle):
@@ -29,8 +42,8 @@ def test_gradient_checkpointing(family, head):
     loss_of(outputs(model(input_ids=ids, attention_mask=mask)), mask).backward()
     expected = _grads(handle)
     model.zero_grad()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    checkpointing_enable(model)
+    assert is_checkpointing(model)
     loss_of(outputs(model(input_ids=ids, attention_mask=mask)), mask).backward()
     assert len(calls) == 2
     for got, want in zip(_grads(handle), expected, strict=True):
@@ -43,7 +56,7 @@ def test_reentrant_checkpointing():
     model = build("llama")
     handle = apply(model, prefix_projection=True)
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointing_enable(model, use_reentrant=True)
     ids, mask = batch()
     with pytest.raises(ValueError, match="use_reentrant': False"):
         model(input_ids=ids, attention_mask=mask)
@@ -52,7 +65,7 @@ def test_reentrant_checkpointing():
     loss_of(model(input_ids=ids, attention_mask=mask).logits, mask).backward()
     got = table.prefix_encoder.embedding.weight.grad.clone()
     table.prefix_encoder.zero_grad()
-    model.gradient_checkpointing_disable()
+    checkpointing_disable(model)
     loss_of(model(input_ids=ids, attention_mask=mask).logits, mask).backward()
     torch.testing.assert_close(got, table.prefix_encoder.embedding.weight.grad, rtol=1e-6, atol=1e-7)
 

@@ -1,6 +1,7 @@
 """``apply_prefix_tuning`` and the handle that undoes it.
 
-What applying does to a model, each step recorded with its exact undo (``remove()`` runs them in reverse):
+What applying does to a model, each step recorded on the handle's undo stack (:class:`~.patches.Patches`: data
+records naming what changed by its path in the model; ``remove()`` runs them in reverse):
 
 1. freezes the model's parameters (optional) and swaps each task head to train (``modules_to_save``) for a
    trainable copy, so the model's own head stays as it was (for a prefix bank, a :class:`~.heads.RoutedHead`
@@ -8,21 +9,26 @@ What applying does to a model, each step recorded with its exact undo (``remove(
 2. adds the :class:`~prefix_kernels.PrefixEncoder` (or the :class:`~prefix_kernels.PrefixBank` of many) as the
    submodule ``prefix_encoder`` (``model.parameters()``, optimizers, ``state_dict`` and ``.to()`` see it);
 3. points the model's configs at our attention implementation (registered once with transformers' attention and
-   mask interfaces), remembering the previous one;
-4. gives each self-attention module its own prefix slot (and, for a family whose attention is not on the
-   interface, an instance-level forward);
+   mask interfaces);
+4. gives each self-attention module its own prefix slot, which names the implementation that served it before
+   (and, for a family whose attention is not on the interface, an instance-level forward); any other module on
+   those configs (a cross-attention) gets a slot that only names it;
 5. hooks the module that consumes position ids, to shift them by P (PEFT's semantics), and the base model's
-   forward, to compute the prefix once per forward;
-6. lets ``generate()`` build masks inside the forward for static caches (an instance attribute).
+   forward (``Family.root``), where each forward begins (the prefix is computed once) and ends;
+6. lets ``generate()`` build masks inside the forward for static caches, and records the rows it repeats
+   (instance attributes).
 
-No class, function or module-level name of transformers is replaced; everything lives on this model instance.
+No class, function or module-level name of transformers is replaced; everything lives on this model instance,
+and so does the handle (``handle_of(model)``): ``copy.deepcopy(model)`` gives an independent prefix-tuned model
+with its own handle, and the model pickles (``torch.save(model)``) with its prefix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import types
+import functools
+import os
 from collections.abc import Mapping
 
 import torch
@@ -32,10 +38,13 @@ from ...modules import PrefixBank, PrefixEncoder
 from . import registration
 from .attention import SLOT_ATTR
 from .config import PrefixConfig
-from .families import Family, family_of, task_of
+from .facts import find_modules, model_sizes, task_of
+from .families import Family, family_of
+from .generation import ExpandInputs, Generate
 from .heads import RoutedHead
+from .patches import Patches
 from .positions import ShiftPositions
-from .state import PrefixSlot, PrefixState
+from .state import DelegateSlot, PrefixSlot, PrefixState
 
 ENCODER_NAME = "prefix_encoder"
 HANDLE_ATTR = "_prefix_kernels_handle"
@@ -47,30 +56,19 @@ def _masks_from_forward(config, inputs_embeds, attention_mask, *args, **kwargs):
     return attention_mask
 
 
-def _sizes(model: nn.Module) -> tuple[int, int, int, int]:
-    """(num_layers, num_heads, num_kv_heads, head_dim) from the model's config."""
-    config = model.config
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return layers, heads, kv_heads, head_dim
-
-
-def _find_modules(model: nn.Module, names: tuple[str, ...]) -> dict[str, nn.Module]:
-    """Modules whose qualified name is, or ends with ``.`` + , one of ``names`` (PEFT's matching); the outermost
-    match wins."""
-    found: dict[str, nn.Module] = {}
-    for qualified, module in model.named_modules():
-        if any(qualified.startswith(f + ".") for f in found):
-            continue
-        if any(qualified == n or qualified.endswith("." + n) for n in names):
-            found[qualified] = module
-    return found
+def handle_of(model: nn.Module) -> PrefixHandle:
+    """The :class:`PrefixHandle` of a prefix-tuned model (also of a ``copy.deepcopy`` or an unpickled copy of one,
+    which carries its own)."""
+    handle = getattr(model, HANDLE_ATTR, None) if isinstance(model, nn.Module) else None
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not prefix-tuned: call apply_prefix_tuning or load_peft_adapter "
+                         "first")
+    return handle
 
 
 class PrefixHandle:
-    """The prefix tuning applied to one model. Returned by :func:`apply_prefix_tuning`.
+    """The prefix tuning applied to one model. Returned by :func:`apply_prefix_tuning`; :func:`handle_of` finds
+    it from the model.
 
     Attributes:
         model: the model.
@@ -82,6 +80,7 @@ class PrefixHandle:
             prefixes the :class:`~prefix_kernels.PrefixBank` holding one per prefix.
         modules_to_save: qualified name -> the trainable copy of each task head swapped into the model; for a bank,
             a :class:`~.heads.RoutedHead` holding one copy per prefix (see :meth:`modules_to_save_of`).
+        patches: the undo stack of what applying changed (:class:`~.patches.Patches`).
     """
 
     def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder | PrefixBank,
@@ -93,10 +92,15 @@ class PrefixHandle:
         self.prefix_encoder = encoder
         self.modules_to_save: dict[str, nn.Module] = {}
         self.task_type: str | None = None
-        self._undo: list = []
-        self._configs: list = []  # (config, previous implementation)
+        self.patches = Patches()
         self.state = PrefixState(encoder, backend=config.backend, shift_positions=config.shift_positions,
-                                 probe=modules[0], layer=family.layer_list(model)[0])
+                                 probe=modules[0], layer=family.layer_list(model)[0],
+                                 model_name=type(model).__name__)
+
+    def __setstate__(self, state) -> None:
+        # a copy, or a model unpickled in another process: our name must be registered with transformers there
+        self.__dict__.update(state)
+        registration.register()
 
     # ---------------------------------------------------------------- public
     @property
@@ -143,14 +147,15 @@ class PrefixHandle:
         return {name: routed.heads[i] for name, routed in self.modules_to_save.items()}
 
     def set_prefix_index(self, selection) -> None:
-        """Choose each batch row's prefix for the following forwards (``generate()`` included), until changed or
-        cleared with None.
+        """Choose each batch row's prefix for the following forwards (``generate()`` included) of every thread
+        that is not inside :meth:`use_prefix`, until changed or cleared with None.
 
         ``selection``: one entry per batch row: a ``[B]`` int tensor or a list of ints (bank positions, -1 for no
         prefix), prefix names, or None entries (no prefix: that row computes exactly what the base model
-        computes). Where ``generate()`` repeats rows (``num_beams``, ``num_return_sequences``), the selection is
-        repeated the same way. Without a selection a bank of several prefixes refuses to run; a single prefix
-        serves every row.
+        computes). It is checked and copied now (later edits of the caller's tensor do not reach the model). The
+        batch must have exactly one row per entry, except inside ``generate()``, which repeats each row for
+        ``num_beams`` / ``num_return_sequences``: the selection is repeated the same way there. Without a
+        selection a bank of several prefixes refuses to run; a single prefix serves every row.
         """
         self._require_active()
         self.state.select(selection)
@@ -158,14 +163,13 @@ class PrefixHandle:
     @contextlib.contextmanager
     def use_prefix(self, selection):
         """``with handle.use_prefix(["sst2", "qnli", None]):`` the selection of :meth:`set_prefix_index` inside the
-        block, the previous one restored after."""
+        block, for this thread only (other threads' forwards keep theirs); the previous one restored after."""
         self._require_active()
-        previous = self.state.selection
-        self.state.select(selection)
+        token = self.state.push_selection(selection)
         try:
             yield self.model
         finally:
-            self.state.select(previous)
+            self.state.pop_selection(token)
 
     @property
     def active(self) -> bool:
@@ -184,37 +188,38 @@ class PrefixHandle:
 
     @contextlib.contextmanager
     def disabled(self):
-        """Run the model without the prefix: its previous attention implementation, masks and positions, as before
-        applying (the trainable copies of ``modules_to_save`` stay in place; a bank's per-prefix heads give way
-        to the model's own)."""
+        """Run the model without the prefix: its previous attention implementation, masks and positions. This is
+        the base model only as far as ``modules_to_save`` are concerned: a single prefix's trainable copies of
+        the task heads stay in place (with whatever they learned; a bank's per-prefix heads give way to the
+        model's own), and a base model that was not frozen keeps what it learned. For the model exactly as before
+        applying, use :meth:`remove`. Model-wide: other threads' forwards inside the block run disabled too."""
         self._require_active()
+        configs = [(record.config(self.model), record.previous) for record in self.patches.configs()]
         self.state.enabled = False
-        for config, previous in self._configs:
+        for config, previous in configs:
             config._attn_implementation_internal = previous
         try:
             yield self.model
         finally:
-            for config, _ in self._configs:
+            for config, _ in configs:
                 config._attn_implementation_internal = registration.NAME
             self.state.enabled = True
 
     def remove(self) -> None:
         """Undo everything :func:`apply_prefix_tuning` did: the model is exactly as before (its parameters,
-        ``requires_grad`` flags, modules, hooks, attributes and attention implementation). Idempotent."""
-        while self._undo:
-            self._undo.pop()()
+        ``requires_grad`` flags, modules, hooks, attributes and attention implementation). Idempotent; a copy of
+        the model (``copy.deepcopy``) has its own handle, and removing one leaves the other as it is."""
+        self.patches.undo_all(self.model)
 
     def save_peft_adapter(self, directory, prefix=None) -> None:
         """Write a PEFT prefix-tuning adapter directory (see :func:`prefix_kernels.save_peft_adapter`); for a bank,
         of the one ``prefix`` (a name or position)."""
-        from ..peft import save_peft_adapter
+        from ... import save_peft_adapter  # the package's public function (integrations/peft.py)
 
         save_peft_adapter(self, directory, prefix=prefix)
 
     def save_peft_adapters(self, directory) -> dict[str, str]:
         """Write every prefix as its own PEFT adapter, in ``directory/<name>``; returns name -> directory."""
-        import os
-
         written = {}
         for i, name in enumerate(self.prefix_names):
             written[name] = os.path.join(os.fspath(directory), name)
@@ -232,93 +237,58 @@ class PrefixHandle:
         if not self.active:
             raise RuntimeError("this prefix-tuning handle was removed")
 
-    def _set_attr(self, obj, name: str, value) -> None:
-        """Set an instance attribute, recording how to undo it exactly (restore or delete)."""
-        had = name in obj.__dict__
-        old = obj.__dict__.get(name)
-        object.__setattr__(obj, name, value)
-
-        def undo():
-            if had:
-                object.__setattr__(obj, name, old)
-            else:
-                object.__delattr__(obj, name)
-
-        self._undo.append(undo)
-
-    def _freeze(self) -> None:
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-
-        def undo():
-            for p, flag in flags:
-                p.requires_grad_(flag)
-
-        self._undo.append(undo)
-
     def _swap_in_trainable_copies(self, names: tuple[str, ...], required: bool) -> None:
-        found = _find_modules(self.model, names)
+        found = find_modules(self.model, names)
         if required:
             missing = [n for n in names if not any(q == n or q.endswith("." + n) for q in found)]
             if missing:
                 raise ValueError(f"modules_to_save {missing} match no module of {type(self.model).__name__}")
         for qualified, module in found.items():
-            parent_name, _, attr = qualified.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
             if self.state.is_bank:  # a head per prefix, routed per row
                 copies = [copy.deepcopy(module).requires_grad_(True) for _ in range(self.num_prefixes)]
                 trainable = RoutedHead(module, copies, self.state)
             else:
                 trainable = copy.deepcopy(module)
                 trainable.requires_grad_(True)
-            parent._modules[attr] = trainable
+            self.patches.swap_module(self.model, qualified, trainable)
             self.modules_to_save[qualified] = trainable
-            self._undo.append(lambda parent=parent, attr=attr, module=module: parent._modules.__setitem__(attr, module))
-
-    def _add_encoder(self) -> None:
-        if hasattr(self.model, ENCODER_NAME):
-            raise ValueError(f"{type(self.model).__name__} already has an attribute {ENCODER_NAME!r}")
-        self.model.add_module(ENCODER_NAME, self.prefix_encoder)
-        self._undo.append(lambda: self.model._modules.pop(ENCODER_NAME))
-
-    def _switch_configs(self, modules: list[nn.Module]) -> dict[int, str]:
-        configs = {}
-        for owner in [self.model, self.model.base_model, *modules]:
-            config = getattr(owner, "config", None)
-            if config is not None:
-                configs[id(config)] = config
-        previous = {}
-        for key, config in configs.items():
-            previous[key] = registration.switch(config)
-            self._configs.append((config, previous[key]))
-            self._undo.append(lambda config=config: registration.restore(config))
-        return previous
 
     def _install(self, modules: list[nn.Module]) -> None:
-        config, model, family = self.config, self.model, self.family
+        config, model, family, patches = self.config, self.model, self.family, self.patches
         registration.register()
-        self._set_attr(model, HANDLE_ATTR, self)
+        patches.set_attr(model, "", HANDLE_ATTR, self)
         if config.freeze_base_model:
-            self._freeze()
+            patches.freeze(model)
         self.task_type, heads = task_of(model)
         if config.modules_to_save == "auto":
             self._swap_in_trainable_copies(heads, required=False)
         elif config.modules_to_save:
             self._swap_in_trainable_copies(config.modules_to_save, required=True)
-        self._add_encoder()
-        previous = self._switch_configs(modules)
+        patches.add_module(model, "", ENCODER_NAME, self.prefix_encoder)
+        path = {id(m): name for name, m in model.named_modules()}
+        root = path[id(model.base_model.get_submodule(family.root))]
+
+        previous = {}  # id(config) -> the implementation it named before
+        for owner in [model, model.base_model, *modules]:
+            owned = getattr(owner, "config", None)
+            if owned is not None and id(owned) not in previous:
+                previous[id(owned)] = patches.switch_config(model, path[id(owner)], registration.NAME)
         model_previous = previous[id(model.config)] or "eager"
         for index, module in enumerate(modules):
             if SLOT_ATTR in module.__dict__:
                 raise ValueError(f"{type(module).__name__} already holds a prefix slot")
             own = getattr(module, "config", None)
             slot = PrefixSlot(self.state, index, (previous[id(own)] if own is not None else None) or model_previous)
-            self._set_attr(module, SLOT_ATTR, slot)
+            patches.set_attr(model, path[id(module)], SLOT_ATTR, slot)
             if family.alibi:  # made now, so that a compiled forward finds them and does not recompile
                 slot.alibi_slopes(module.num_heads, self.state.probe_device())
             if family.forward is not None:
-                self._set_attr(module, "forward", types.MethodType(family.forward, module))
+                patches.set_attr(model, path[id(module)], "forward", functools.partial(family.forward, module))
+        for name, module in model.named_modules():  # the rest on these configs: served as before
+            owned = getattr(module, "config", None)
+            if owned is not None and id(owned) in previous and SLOT_ATTR not in module.__dict__:
+                patches.set_attr(model, name, SLOT_ATTR, DelegateSlot(previous[id(owned)] or "eager"))
+
         spec = family.positions
         if config.shift_positions and spec is not None:
             target = model.base_model.get_submodule(spec.path)
@@ -329,19 +299,15 @@ class PrefixHandle:
                 raise ValueError(f"num_virtual_tokens={longest} leaves no room in "
                                  f"{type(model).__name__}'s {table} learned positions (shifted positions start at "
                                  f"{first + longest}); use fewer or shift_positions=False")
-            hook = target.register_forward_pre_hook(
-                ShiftPositions(spec, first, self.state), with_kwargs=True)
-            self._undo.append(hook.remove)
-        self._undo.append(model.base_model.register_forward_pre_hook(self.state.begin_forward, with_kwargs=True).remove)
-        self._undo.append(model.base_model.register_forward_hook(self._check_reached).remove)
-        self._set_attr(model, "create_masks_for_generate", _masks_from_forward)
-
-    def _check_reached(self, module, args, output) -> None:
-        if self.state.enabled and self.state.fetches == 0:
-            raise RuntimeError(
-                f"prefix tuning reached no attention layer of {type(self.model).__name__} in this forward: its "
-                f"attention did not call the attention function {registration.NAME!r} (was the model's "
-                "attention implementation changed after apply_prefix_tuning?)")
+            patches.add_hook(model, path[id(target)], ShiftPositions(spec, first, self.state), pre=True,
+                             with_kwargs=True)
+        # where each forward begins and ends (the end runs on exceptions too)
+        patches.add_hook(model, root, self.state.begin_forward, pre=True, with_kwargs=True)
+        patches.add_hook(model, root, self.state.end_forward, pre=False, always_call=True)
+        patches.set_attr(model, "", "create_masks_for_generate", _masks_from_forward)
+        if hasattr(type(model), "generate") and hasattr(type(model), "_expand_inputs_for_generation"):
+            patches.set_attr(model, "", "generate", Generate(model, self.state))
+            patches.set_attr(model, "", "_expand_inputs_for_generation", ExpandInputs(model, self.state))
 
 
 _MODEL_WIDE = ("shift_positions", "modules_to_save", "freeze_base_model", "backend")
@@ -422,7 +388,7 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig | Mapping[str, Pr
     family = family_of(model)
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} is already prefix-tuned: call remove() on its handle first")
-    sizes = _sizes(model)
+    sizes = model_sizes(model)
     num_layers, _, kv_heads, head_dim = sizes
     modules = family.attention_modules(model, num_layers)
     for i, module in enumerate(modules):

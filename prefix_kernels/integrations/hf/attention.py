@@ -6,8 +6,9 @@ our name set on the config, that call lands in :func:`prefix_attention_forward`,
 prefix slot and calls :func:`prefix_kernels.prefix_attention` with the prefix as a second source of keys and
 values: nothing is concatenated, nothing enters the cache.
 
-A module without a slot (a cross-attention the prefix does not cover), or any module while the handle is
-disabled, is served by the implementation the model used before, with the mask that implementation expects.
+A module whose slot is a :class:`~.state.DelegateSlot` (a cross-attention the prefix does not cover), or any
+module while the handle is disabled, is served by the implementation named on its slot (the one that served it
+before), with the mask that implementation expects.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ...ops.attention import prefix_attention
 from .masks import PrefixMask
 
 SLOT_ATTR = "_prefix_kernels_slot"
+IMPLEMENTATION = "prefix_kernels"  # the name registered with transformers (registration.NAME)
 
 
 def previous_attention(module: torch.nn.Module, name: str):
@@ -110,11 +112,12 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers' attention-function signature: q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]`` (any
     strides), the mask from :func:`~.masks.prefix_mask_interface`. Returns ``(out [B, Lq, Hq, D], None)``."""
     slot = getattr(module, SLOT_ATTR, None)
-    if slot is None or not slot.state.enabled:
-        from .registration import previous_implementation
-
-        previous = slot.previous if slot is not None else previous_implementation(module.config)
-        return _delegate(module, previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+    if slot is None:
+        raise RuntimeError(f"attention implementation {IMPLEMENTATION!r} was called for a {type(module).__name__} "
+                           "that prefix tuning did not set up (set config._attn_implementation back to what it was, "
+                           "or apply_prefix_tuning to the model)")
+    if slot.state is None or not slot.state.enabled:
+        return _delegate(module, slot.previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
     dtype = compute_dtype(query, key, value)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)

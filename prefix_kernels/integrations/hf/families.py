@@ -36,6 +36,9 @@ class Family:
         forward: a replacement ``forward(self, ...)`` bound to each attention module instance, for a family whose
             attention does not call transformers' AttentionInterface; None for the rest.
         alibi: the family's attention adds ALiBi biases (its slots keep the slopes, one tensor per device).
+        root: dotted path under ``model.base_model`` of the module whose forward runs the embeddings and every
+            layer, where each forward begins and ends ("": the base model; OPT's causal LM calls its decoder
+            directly, past the base model).
         features: what the family's attention uses, for the README (informative).
     """
 
@@ -47,6 +50,11 @@ class Family:
     forward: Callable | None = None
     alibi: bool = False
     features: str = ""
+    root: str = ""
+
+    def __reduce__(self):
+        # pickled and deep-copied by name (its callables need not pickle): the same adapter comes back
+        return family_named, (self.name,)
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         """The model's layers."""
@@ -95,22 +103,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma 2", ("gemma2",), **_DECODER,
            features="causal, RoPE, GQA, logit softcap, alternating sliding-window layers"),
     Family("OPT", ("opt",), "decoder.layers", "self_attn", PositionSpec("decoder.embed_positions", 2, "position_ids"),
-           features="causal, learned positions from the mask cumsum (pads at -1)"),
+           features="causal, learned positions from the mask cumsum (pads at -1)", root="decoder"),
     Family("Bloom", ("bloom",), "h", "self_attention", None, forward=bloom_attention_forward, alibi=True,
            features="causal, ALiBi (instance-level forward: Bloom's attention is not on the AttentionInterface)"),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
-
-# PEFT's modules_to_save for its task-specific models, by the head class's name.
-_TASK_HEADS = (
-    ("ForSequenceClassification", "SEQ_CLS", ("classifier", "score")),
-    ("ForTokenClassification", "TOKEN_CLS", ("classifier", "score")),
-    ("ForQuestionAnswering", "QUESTION_ANS", ("qa_outputs",)),
-    ("ForCausalLM", "CAUSAL_LM", ()),
-    ("LMHeadModel", "CAUSAL_LM", ()),
-)
-
 
 def supported_model_types() -> list[str]:
     return sorted(_BY_TYPE)
@@ -135,10 +133,9 @@ def family_of(model: nn.Module) -> Family:
     return family
 
 
-def task_of(model: nn.Module) -> tuple[str | None, tuple[str, ...]]:
-    """PEFT's task type for ``model``'s head class and the head modules PEFT trains for it."""
-    name = type(model).__name__
-    for suffix, task, heads in _TASK_HEADS:
-        if name.endswith(suffix):
-            return task, heads
-    return None, ()
+def family_named(name: str) -> Family:
+    """The adapter called ``name`` (``Family.name``)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(f"no family adapter named {name!r}; there are {[f.name for f in FAMILIES]}")

@@ -36,7 +36,8 @@ class ShiftPositions:
     shared by the batch (``[1, L]``) then become ``[B, L]``."""
 
     def __init__(self, spec: PositionSpec, first: int, state):
-        self.spec = spec
+        self.index = spec.index  # plain values only (a spec's ``first`` may be a lambda): pickles and copies
+        self.keyword = spec.keyword
         self.first = first
         self.state = state
 
@@ -51,11 +52,11 @@ class ShiftPositions:
     def __call__(self, module, args, kwargs):
         if not self.state.enabled:
             return None
-        if kwargs.get(self.spec.keyword) is not None:
-            kwargs = {**kwargs, self.spec.keyword: self._shift(kwargs[self.spec.keyword])}
+        if kwargs.get(self.keyword) is not None:
+            kwargs = {**kwargs, self.keyword: self._shift(kwargs[self.keyword])}
             return args, kwargs
-        if len(args) > self.spec.index:
-            args = (*args[:self.spec.index], self._shift(args[self.spec.index]), *args[self.spec.index + 1:])
+        if len(args) > self.index:
+            args = (*args[:self.index], self._shift(args[self.index]), *args[self.index + 1:])
             return args, kwargs
         return None
 

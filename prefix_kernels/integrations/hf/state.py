@@ -1,51 +1,106 @@
 """The prefix of one prefix-tuned model, computed once per forward, and the per-module slots that read it.
 
 :class:`PrefixState` owns nothing but references: the :class:`~prefix_kernels.PrefixEncoder` (a submodule of
-the model) and per-forward results. A forward pre-hook on the base model calls :meth:`PrefixState.begin_forward`,
-which computes every layer's prefix in one encoder call, in the dtype the attention will see (the attention
-weights' dtype, or the autocast dtype); every layer then reads its slice. Computing it there, before any layer
-runs, keeps it out of the layers' checkpointed regions: gradient checkpointing recomputes each layer against the
-very prefix tensor of its forward (the tensor stays referenced until the next forward). A layer that sees another
-dtype gets the prefix computed for that dtype on first use.
+the model) and the state of each forward. A forward pre-hook on the base model calls
+:meth:`PrefixState.begin_forward`, which opens a :class:`Call` (this forward's state) and computes every layer's
+prefix in one encoder call, in the dtype the attention will see (the attention weights' dtype, or the autocast
+dtype); every layer then reads its slice. Computing it there, before any layer runs, keeps it out of the layers'
+checkpointed regions: gradient checkpointing recomputes each layer against the very prefix tensor of its forward
+(the call stays referenced until the thread's next forward). A layer that sees another dtype gets the prefix
+computed for that dtype on first use. A forward hook on the base model (:meth:`PrefixState.end_forward`, run on
+exceptions too) closes the call: the forward begins and ends in those two places only.
+
+Threads: the call, and the selection set by ``handle.use_prefix``, belong to the thread that made them (a
+``threading.local``), so one model serves concurrent forwards from several threads, each with its own selection;
+``handle.set_prefix_index`` sets the model-wide default that a thread's ``use_prefix`` overrides. A layer that
+runs in a thread with no call of its own (gradient checkpointing recomputing a layer in autograd's device
+threads) uses the model's latest call, and refuses when that call overlapped another thread's forward.
 
 :class:`PrefixSlot` is what each attention module holds: its own layer's index into that prefix (not looked up
-through ``layer_idx``, which e.g. T5 shares between self- and cross-attention). ``fetch`` is the one place
-where a module obtains its prefix.
+through ``layer_idx``, which e.g. T5 shares between self- and cross-attention), and the attention
+implementation that served the module before. ``fetch`` is the one place where a module obtains its prefix.
+A :class:`DelegateSlot` marks a module the prefix does not cover (a cross-attention): it names the previous
+implementation only.
 
 Many prefixes in one batch: the encoder may be a :class:`~prefix_kernels.PrefixBank` of N prefixes, and a
-*selection* (set through the handle, kept here) says which prefix each batch row uses (-1: none, the base model).
-At each forward :meth:`PrefixState.begin_forward` resolves the selection against that forward's batch size once
-(``generate()`` with beams or several sequences per prompt repeats each row r times: the selection is repeated
-the same way) into ``rows`` ``[B]`` and each row's prefix length ``row_lengths`` ``[B]``, which the attention,
-the position shift and Bloom's ALiBi offsets read. A single prefix takes a selection too (0 or -1 per row).
+*selection* (a checked private copy of what the handle was given) says which prefix each batch row uses (-1:
+none, the base model). At each forward :meth:`PrefixState.begin_forward` resolves the selection against that
+forward's batch size once into ``rows`` ``[B]`` and each row's prefix length ``row_lengths`` ``[B]``, which the
+attention, the position shift and Bloom's ALiBi offsets read. The batch must have one row per entry; the one
+exception is the repetition ``generate()`` itself makes (``num_beams``, ``num_return_sequences``), which the
+model's instance-level ``generate`` records (:meth:`PrefixState.generating`) and the selection follows. A single
+prefix takes a selection too (0 or -1 per row).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from ...modules import PrefixBank, PrefixEncoder
+from .attention import IMPLEMENTATION
 from .positions import alibi_slopes
 
 
+class Selection:
+    """A checked per-row selection ``index`` ``[n]`` int64 on the CPU (a private copy), with what it resolved to
+    for each forward geometry."""
+
+    def __init__(self, index: torch.Tensor):
+        self.index = index
+        self.resolved: dict = {}  # (batch, device) -> (rows, row_lengths)
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+
+class Call:
+    """The state of one forward: its rows' prefix index and lengths, its prefix per dtype, how many layers
+    fetched it."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.rows: torch.Tensor | None = None  # [B] prefix index (None: every row uses the prefix)
+        self.row_lengths: torch.Tensor | None = None  # [B] int64 prefix length per row
+        self.prefix: dict[torch.dtype, torch.Tensor] = {}
+        self.groups: list | None = None  # [(prefix, row indices)], made on first use
+        self.fetches = 0
+        self.overlapped = False  # another thread's forward of the model ran during this one
+
+
+_PER_PROCESS = ("_local", "_lock", "_active", "_last_call")
+
+
 class PrefixState:
-    """Shared by the slots of one model. ``enabled`` is False inside ``handle.disabled()``."""
+    """Shared by the slots of one model. ``enabled`` is False inside ``handle.disabled()`` (model-wide)."""
 
     def __init__(self, encoder: PrefixEncoder | PrefixBank, *, backend: str, shift_positions: bool,
-                 probe: torch.nn.Module, layer: torch.nn.Module | None = None):
+                 probe: torch.nn.Module, layer: torch.nn.Module | None = None, model_name: str = "the model"):
         self.encoder = encoder
         self.probe = probe  # an attention module: its weights' dtype is the attention's dtype
         self.layer = layer  # the first layer: transformers marks gradient checkpointing on it
         self.backend = backend
         self.shift_positions = shift_positions
+        self.model_name = model_name
         self.enabled = True
-        self._prefix: dict[torch.dtype, torch.Tensor] = {}
-        self.fetches = 0
-        self.selection: torch.Tensor | None = None  # [n] int64 on the CPU, set through the handle
-        self.rows: torch.Tensor | None = None  # this forward's [B] prefix index (None: every row uses the prefix)
-        self.row_lengths: torch.Tensor | None = None  # this forward's [B] int64 prefix length per row
-        self._resolved: dict = {}  # (B, device) -> (rows, row_lengths), for the current selection
-        self._groups: list | None = None  # this forward's [(prefix, row indices)], made on first use
+        self._selection: Selection | None = None  # the model-wide default, set through handle.set_prefix_index
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._local = threading.local()  # .call, .override (a 1-tuple), .expansion (inside generate())
+        self._lock = threading.Lock()
+        self._active: set = set()  # the calls in flight
+        self._last_call: Call | None = None
+
+    def __getstate__(self):
+        # per-process, per-thread state (and this forward's tensors) is neither copied nor pickled
+        return {k: v for k, v in self.__dict__.items() if k not in _PER_PROCESS}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._fresh()
 
     @property
     def is_bank(self) -> bool:
@@ -62,18 +117,17 @@ class PrefixState:
     def lengths(self) -> tuple[int, ...]:
         return self.encoder.lengths if self.is_bank else (self.encoder.num_virtual_tokens,)
 
-    def select(self, selection) -> None:
-        """Set (or clear, with None) the per-row selection: a [n] int tensor or a list of ints (-1: no prefix),
-        names, or None entries (no prefix). Checked here, against the bank."""
-        self._resolved = {}
+    # ---------------------------------------------------------------- selections
+    def make_selection(self, selection) -> Selection | None:
+        """A checked private copy of ``selection``: a [n] int tensor or a list of ints (-1: no prefix), names, or
+        None entries (no prefix); None for none."""
         if selection is None:
-            self.selection = None
-            return
+            return None
         if isinstance(selection, torch.Tensor):
             if selection.dim() != 1 or selection.dtype.is_floating_point or selection.dtype == torch.bool:
                 raise ValueError(f"a prefix index must be a 1-D integer tensor [batch], got {selection.dtype} of "
                                  f"shape {tuple(selection.shape)}")
-            index = selection.detach().to("cpu", torch.int64)
+            index = selection.detach().to("cpu", torch.int64, copy=True)  # the caller's later edits stay out
         else:
             if isinstance(selection, (str, int)):
                 raise TypeError("a prefix selection names each batch row's prefix: pass a list or a 1-D tensor "
@@ -85,7 +139,35 @@ class PrefixState:
         if bool(bad.any()):
             raise IndexError(f"prefix index {int(index[bad][0])} out of range: the model holds {self.num_prefixes} "
                              f"prefix(es) {list(self.names)}; use 0..{self.num_prefixes - 1}, or -1 for no prefix")
-        self.selection = index
+        return Selection(index)
+
+    def select(self, selection) -> None:
+        """Set (or clear, with None) the model-wide default selection (``handle.set_prefix_index``)."""
+        self._selection = self.make_selection(selection)
+
+    def push_selection(self, selection):
+        """This thread's selection until :meth:`pop_selection` with the returned token (``handle.use_prefix``)."""
+        made = self.make_selection(selection)
+        token = getattr(self._local, "override", None)
+        self._local.override = (made,)
+        return token
+
+    def pop_selection(self, token) -> None:
+        if token is None:
+            self._local.__dict__.pop("override", None)
+        else:
+            self._local.override = token
+
+    def current_selection(self) -> Selection | None:
+        """This thread's selection: its ``use_prefix``, else the model-wide default."""
+        override = getattr(self._local, "override", None)
+        return self._selection if override is None else override[0]
+
+    @property
+    def selection(self) -> torch.Tensor | None:
+        """This thread's selection ``[n]`` (a copy), or None."""
+        selection = self.current_selection()
+        return None if selection is None else selection.index.clone()
 
     def _entry(self, entry) -> int:
         if entry is None:
@@ -98,37 +180,95 @@ class PrefixState:
             raise TypeError(f"a prefix selection entry is a name, an int or None, got {entry!r}")
         return entry
 
-    def _resolve(self, batch: int | None, device: torch.device) -> None:
-        """This forward's ``rows`` and ``row_lengths`` from the selection and the batch size."""
-        index = self.selection
-        if index is None:
+    @contextlib.contextmanager
+    def generating(self):
+        """Around ``generate()`` on this thread: the repetition of rows it makes may then be recorded
+        (:meth:`record_expansion`) and the selection follows it."""
+        previous = getattr(self._local, "expansion", None)
+        self._local.expansion = 1
+        try:
+            yield
+        finally:
+            if previous is None:
+                self._local.__dict__.pop("expansion", None)
+            else:
+                self._local.expansion = previous
+
+    def record_expansion(self, expand_size) -> None:
+        """``generate()`` repeats each row ``expand_size`` times (beams, sequences per prompt)."""
+        if getattr(self._local, "expansion", None) is not None and isinstance(expand_size, int):
+            self._local.expansion = max(1, expand_size)
+
+    def _resolve(self, batch: int | None, device: torch.device):
+        """This forward's ``(rows, row_lengths)`` from this thread's selection and the batch size."""
+        selection = self.current_selection()
+        if selection is None:
             if self.num_prefixes > 1:
                 raise ValueError(f"this model holds a bank of {self.num_prefixes} prefixes {list(self.names)}: say "
                                  "which one each batch row uses, with handle.use_prefix(...) or "
                                  "handle.set_prefix_index(...) (-1 or None for the base model)")
-            self.rows = self.row_lengths = None  # a bank of one: every row uses it (fetch serves it as one prefix)
-            return
+            return None, None  # a bank of one: every row uses it (fetch serves it as one prefix)
+        n = len(selection)
+        expansion = getattr(self._local, "expansion", None) or 1
+        repeat = 1
+        if batch is not None and batch != n:
+            if expansion > 1 and batch == n * expansion:
+                repeat = expansion
+            else:
+                known = (f"; generate() repeats each row {expansion} times here, which needs a batch of "
+                         f"{n * expansion}" if expansion > 1 else "")
+                raise ValueError(f"the prefix selection has {n} rows but the batch has {batch}: give one entry "
+                                 f"per batch row{known}")
         key = (batch, device)
-        if key not in self._resolved:
-            n = index.numel()
-            if batch is not None and batch != n:
-                if batch % n:
-                    raise ValueError(f"the prefix selection has {n} rows but the batch has {batch}: give one entry "
-                                     f"per row (generate() with beams or several sequences per prompt repeats each "
-                                     f"row r times; the selection is repeated likewise when {batch} = {n} x r)")
-                index = index.repeat_interleave(batch // n)
+        resolved = selection.resolved.get(key)
+        if resolved is None:
+            index = selection.index if repeat == 1 else selection.index.repeat_interleave(repeat)
             lengths = torch.tensor(self.lengths(), dtype=torch.int64)
             row_lengths = torch.where(index >= 0, lengths[index.clamp(min=0)], 0)
-            self._resolved[key] = (index.to(device), row_lengths.to(device))
-        self.rows, self.row_lengths = self._resolved[key]
+            resolved = selection.resolved[key] = (index.to(device), row_lengths.to(device))
+        return resolved
+
+    # ---------------------------------------------------------------- calls
+    def current(self) -> Call:
+        """This thread's call (the forward running, or the last one it ran)."""
+        call = getattr(self._local, "call", None)
+        if call is not None:
+            return call
+        call = self._last_call
+        if call is None:
+            raise RuntimeError(f"a prefix-tuned attention layer of {self.model_name} ran outside a forward of the "
+                               "model: call the model (its base model's forward computes the prefix), not a layer")
+        if call.overlapped:
+            raise RuntimeError(f"a prefix-tuned layer of {self.model_name} ran in a thread that started no forward "
+                               "(gradient checkpointing recomputing a layer in autograd's device threads) while "
+                               "forwards of this model overlapped in several threads, so which forward it belongs "
+                               "to is unknown: with gradient checkpointing on a GPU, run one forward and backward "
+                               "at a time per model (or give each thread its own copy.deepcopy of the model)")
+        return call
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """This thread's forward's ``[B]`` prefix index (None: every row uses the prefix)."""
+        return self.current().rows
+
+    @property
+    def row_lengths(self) -> torch.Tensor | None:
+        return self.current().row_lengths
+
+    @property
+    def fetches(self) -> int:
+        call = getattr(self._local, "call", None)
+        return 0 if call is None else call.fetches
 
     def row_groups(self) -> list[tuple[int, torch.Tensor]]:
         """This forward's rows grouped by prefix: ``[(prefix or -1, row indices [n_i])]`` (for per-prefix heads)."""
-        if self._groups is None:
-            rows = self.rows
+        call = self.current()
+        if call.groups is None:
+            rows = call.rows
             values = rows.cpu()
-            self._groups = [(int(v), (values == v).nonzero().view(-1).to(rows.device)) for v in values.unique()]
-        return self._groups
+            call.groups = [(int(v), (values == v).nonzero().view(-1).to(rows.device)) for v in values.unique()]
+        return call.groups
+
     @property
     def num_virtual_tokens(self) -> int:
         return self.encoder.num_virtual_tokens
@@ -162,39 +302,63 @@ class PrefixState:
                              "gradient_checkpointing_kwargs={'use_reentrant': False}), transformers' default")
 
     def begin_forward(self, module, args, kwargs) -> None:
-        """Forward pre-hook of the base model: forget the previous forward's prefix and compute this one's; resolve
-        the row selection against this forward's batch."""
-        self._prefix = {}
-        self.fetches = 0
-        self._groups = None
-        if self.enabled:
-            self._resolve(_batch_size(args, kwargs), self.probe_device())
+        """Forward pre-hook of the base model, where a forward begins: open this thread's call; resolve the row
+        selection against this forward's batch and compute the prefix."""
+        call = Call(self.enabled)
+        if not torch.compiler.is_compiling():
+            with self._lock:
+                if self._active:
+                    call.overlapped = True
+                    for other in self._active:
+                        other.overlapped = True
+                self._active.add(call)
+        self._local.call = call
+        self._last_call = call
+        if call.enabled:
+            call.rows, call.row_lengths = self._resolve(_batch_size(args, kwargs), self.probe_device())
             self._check_checkpointing()
             dtype = self.attention_dtype()
             if dtype is not None:
                 self.prefix(dtype)
 
+    def end_forward(self, module, args, output) -> None:
+        """Forward hook of the base model (``always_call``: on exceptions too, with ``output`` None), where a
+        forward ends: close this thread's call, and check that the prefix reached the attention."""
+        call = getattr(self._local, "call", None)
+        if call is None:
+            return
+        if not torch.compiler.is_compiling():
+            with self._lock:
+                self._active.discard(call)
+        if output is not None and call.enabled and call.fetches == 0:
+            raise RuntimeError(
+                f"prefix tuning reached no attention layer of {self.model_name} in this forward: its attention did "
+                f"not call the attention function {IMPLEMENTATION!r} (was the model's attention implementation changed "
+                "after apply_prefix_tuning?)")
+
     def position_offsets(self):
         """How far to shift this forward's real positions: P (an int), or ``[B]`` per row with a selection."""
-        return self.num_virtual_tokens if self.row_lengths is None else self.row_lengths
+        row_lengths = self.current().row_lengths
+        return self.num_virtual_tokens if row_lengths is None else row_lengths
 
     def prefix(self, dtype: torch.dtype) -> torch.Tensor:
         """Every layer's prefix ``[num_layers, 2, Hkv, P, D]`` (a bank: ``[num_layers, 2, N, Hkv, Pmax, D]``) in
         ``dtype``, computed once per forward."""
-        prefix = self._prefix.get(dtype)
+        call = self.current()
+        prefix = call.prefix.get(dtype)
         if prefix is None:
-            prefix = self.encoder(dtype=dtype)
-            self._prefix[dtype] = prefix
+            prefix = call.prefix[dtype] = self.encoder(dtype=dtype)
         return prefix
 
 
 class PrefixSlot:
-    """One attention module's place in the prefix: layer ``index`` of ``state``."""
+    """One attention module's place in the prefix: layer ``index`` of ``state``, and the attention implementation
+    that served the module before (for ``handle.disabled()``)."""
 
     def __init__(self, state: PrefixState, index: int, previous: str):
         self.state = state
         self.index = index
-        self.previous = previous  # the attention implementation that served this module before
+        self.previous = previous
         self._alibi: dict[torch.device, torch.Tensor] = {}
 
     def alibi_slopes(self, num_heads: int, device: torch.device) -> torch.Tensor:
@@ -209,9 +373,10 @@ class PrefixSlot:
         D]`` shared by the batch, or a bank ``[N, Hkv, Pmax, D]`` (views), with each row's ``[B]`` index into it
         (None: every row uses the one prefix) and the prefixes' ``[N]`` lengths (None: all full)."""
         state = self.state
-        state.fetches += 1
+        call = state.current()
+        call.fetches += 1
         layer = state.prefix(dtype)[self.index]
-        rows = state.rows
+        rows = call.rows
         if rows is None and state.is_bank:  # a bank of one without a selection: its one prefix, for every row
             return layer[0, 0], layer[1, 0], None, None
         if rows is not None and rows.shape[0] != batch:
@@ -224,6 +389,19 @@ class PrefixSlot:
 
     def __repr__(self) -> str:
         return f"PrefixSlot(layer={self.index}, previous={self.previous!r})"
+
+
+class DelegateSlot:
+    """A module the prefix does not cover that may call our attention function (a cross-attention sharing the
+    model's config): it is served by ``previous``, the implementation that served it before."""
+
+    state = None
+
+    def __init__(self, previous: str):
+        self.previous = previous
+
+    def __repr__(self) -> str:
+        return f"DelegateSlot(previous={self.previous!r})"
 
 
 def _batch_size(args, kwargs) -> int | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import tile_overrides
 from . import triton_kernels as kern
 from .inputs import NO_FEATURES, Features, TensorMemo
 
@@ -125,7 +126,15 @@ def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None =
 
     Under the interpreter every kernel uses 32 x 32 tiles, which keeps CPU tests fast and still walks
     several tiles, and partial ones, at small shapes.
+
+    A measured table (``tile_overrides``: ``PREFIX_KERNELS_TILES`` or a file shipped for this device, written by
+    ``gpu-check``) takes precedence where it has an entry for this kernel, BLOCK_D, width and featured flag.
     """
+    decode = kernel == "fwd" and len_q is not None and len_q <= 16
+    measured = tile_overrides.lookup("fwd_decode" if decode else kernel, block_d(head_dim), elem_bytes, featured,
+                                     arch, is_interpreting())
+    if measured is not None:
+        return TileConfig(*measured)
     if is_interpreting():
         return TileConfig(32, 32, 1, 1)
     bd = block_d(head_dim)

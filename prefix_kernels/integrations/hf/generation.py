@@ -1,0 +1,51 @@
+"""Instance-level ``generate`` and ``_expand_inputs_for_generation`` of a prefix-tuned model, so that a prefix
+selection follows exactly the repetition of rows ``generate()`` makes (``num_beams``, ``num_return_sequences``)
+and no other.
+
+``generate()`` repeats each input row ``expand_size`` times by calling ``self._expand_inputs_for_generation``.
+:class:`Generate` marks the calling thread as generating for the length of the call, and :class:`ExpandInputs`
+records the ``expand_size`` of that call, which :meth:`~.state.PrefixState.begin_forward` then applies to the
+selection. Both call the class's own method; they are plain objects (no closures), so the model deep-copies and
+pickles with them, and ``remove()`` deletes them, uncovering the class's methods again.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def class_method(model, name: str):
+    """The class's ``name`` bound to ``model`` (whatever kind of method it is), bypassing the instance attribute."""
+    return inspect.getattr_static(type(model), name).__get__(model, type(model))
+
+
+class Generate:
+    """``model.generate``: the class's generate, inside ``state.generating()``."""
+
+    def __init__(self, model, state):
+        self.model = model
+        self.state = state
+
+    @property
+    def __wrapped__(self):  # inspect.signature and help() show the class's generate
+        return class_method(self.model, "generate")
+
+    def __call__(self, *args, **kwargs):
+        with self.state.generating():
+            return class_method(self.model, "generate")(*args, **kwargs)
+
+
+class ExpandInputs:
+    """``model._expand_inputs_for_generation``: records the call's ``expand_size``, then expands as the class does."""
+
+    def __init__(self, model, state):
+        self.model = model
+        self.state = state
+
+    @property
+    def __wrapped__(self):
+        return class_method(self.model, "_expand_inputs_for_generation")
+
+    def __call__(self, *args, **kwargs):
+        self.state.record_expansion(kwargs.get("expand_size", args[0] if args else 1))
+        return class_method(self.model, "_expand_inputs_for_generation")(*args, **kwargs)
