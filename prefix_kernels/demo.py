@@ -132,9 +132,27 @@ def _decoder(device, backend) -> bool:
     return ok, model, reference, handle
 
 
-def _train_step_rows(device, name, model, reference, handle, batch, length, padding):
-    """Time a training step (forward + backward) of both paths, and their memory."""
-    from ._timing import held_mib, measure
+# Each comparison: at least 5 rounds of both paths in turn, until their ratio's p20-p80 range is within 10% of its
+# median or this many seconds have passed.
+TIME_CAP_S = 6.0
+EAGER = "eager PEFT-style"
+
+
+def _print_pair(name, cmp, paths, memory):
+    """Two rows (ours, the eager path), then the ratio with its spread and a warning when it cannot be read."""
+    for path, label in paths:
+        mib = memory.get(path)
+        print(f"    {name:34} {label:40} {cmp.timing(path).text():>22} {'' if mib is None else f'{mib:.1f}':>17}")
+    ratio = cmp.ratio(paths[0][0], paths[1][0])
+    print(f"      prefix_kernels / eager: {ratio.text()} the time ({cmp.stopped})")
+    if ratio.warning():
+        print(f"      {ratio.warning()}")
+    return ratio
+
+
+def _train_step(device, name, model, reference, handle, batch, length, padding):
+    """Time a training step (forward + backward) of both paths in turn, and their memory."""
+    from ._timing import compare, held_mib
     from .integrations.hf.reference import eager_forward, peft_style_prefix
 
     ids = torch.randint(3, model.config.vocab_size, (batch, length), device=device)
@@ -153,50 +171,57 @@ def _train_step_rows(device, name, model, reference, handle, batch, length, padd
 
     model.train()
     reference.train()
-    rows = []
-    for path, fn in (("prefix_kernels", ours), ("eager PEFT-style (prefix per row, cache)", peft_style)):
-        timing = measure(fn, device, warmup=1, reps=3)
-        mib = timing.peak_mib if device.type == "cuda" else held_mib(fn)
-        rows.append((name, path, timing.median_ms, mib))
-        print(f"    {name:34} {path:40} {timing.median_ms:8.1f} {mib:17.1f}")
+    cmp = compare({"ours": ours, "eager": peft_style}, device, time_cap_s=TIME_CAP_S, memory=device.type == "cuda")
+    memory = cmp.peaks if device.type == "cuda" else {"ours": held_mib(ours), "eager": held_mib(peft_style)}
+    ratio = _print_pair(name, cmp, (("ours", "prefix_kernels"), ("eager", f"{EAGER} (prefix per row, cache)")),
+                        memory)
     model.eval()
     reference.eval()
-    return rows
+    return ratio, memory["ours"] / memory["eager"]
 
 
-def _speed(device, bert, llama) -> None:
-    from ._timing import measure
+def _speed(device, bert, llama) -> list[str]:
+    """Time both workloads beside the eager PEFT-style path; returns the summary lines."""
+    from ._timing import TARGET_SPREAD, compare
     from .integrations.hf.reference import eager_greedy
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"\n3. Speed and memory on {where}, float32, median of 3 runs after a warm-up")
+    print(f"\n3. Speed and memory on {where}, float32. Both paths run in turn, round after round, until the ratio "
+          f"of their times settles (p20-p80 within {TARGET_SPREAD:.0%} of its median) or {TIME_CAP_S:g} s pass; "
+          "ms: median (p20-p80)")
     memory = "peak MiB" if device.type == "cuda" else "held for bwd MiB"
-    print(f"    {'workload':34} {'path':40} {'ms':>8} {memory:>17}")
-    rows = _train_step_rows(device, "BERT classifier, train step", *bert, 8, 128, "right")
-    rows += _train_step_rows(device, "decoder, train step", *llama, 8, 128, "left")
+    print(f"    {'workload':34} {'path':40} {'ms':>22} {memory:>17}")
+    summary = []
+    for label, parts, padding in (("BERT classifier, train step", bert, "right"),
+                                  ("decoder, train step", llama, "left")):
+        ratio, mem = _train_step(device, label, *parts, 8, 128, padding)
+        summary.append(f"{label}: {ratio.text()} the time, {mem:.2f}x the memory"
+                       + ("" if ratio.readable else " (too noisy to read: see the warning above)"))
     model, reference, handle = llama
     ids = torch.randint(3, model.config.vocab_size, (8, 64), device=device)
     mask = torch.ones_like(ids)
     new = 32
     prefix = handle.prefix().detach()
-    paths = (("prefix_kernels", lambda: eager_greedy(model, None, ids, mask, new)),
-             ("eager PEFT-style (prefix in the cache)", lambda: eager_greedy(reference, prefix, ids, mask, new)))
-    for path, fn in paths:
-        with torch.no_grad():
-            timing = measure(fn, device, warmup=1, reps=3)
-        print(f"    {'decoder, greedy 8 x (64 + 32 new)':34} {path:40} {timing.median_ms:8.1f} "
-              f"{'':>17}  ({8 * new / timing.median_ms * 1e3:.0f} tokens/s)")
+    with torch.no_grad():
+        cmp = compare({"ours": lambda: eager_greedy(model, None, ids, mask, new),
+                       "eager": lambda: eager_greedy(reference, prefix, ids, mask, new)}, device,
+                      time_cap_s=TIME_CAP_S)
+    label = f"decoder, greedy 8 x (64 + {new} new)"
+    ratio = _print_pair(label, cmp, (("ours", "prefix_kernels"), ("eager", f"{EAGER} (prefix in the cache)")), {})
+    rates = {p: 8 * new / cmp.timing(p).median_ms * 1e3 for p in ("ours", "eager")}
+    print(f"      tokens/s: prefix_kernels {rates['ours']:.0f}, eager {rates['eager']:.0f}")
+    summary.append(f"{label}: {ratio.text()} the time ({1 / ratio.median:.2f}x the tokens/s)"
+                   + ("" if ratio.readable else " (too noisy to read: see the warning above)"))
     if device.type == "cpu":
         print("    (decoding on the CPU: the torch backend concatenates the prefix with the whole cache at every "
               "step; the GPU kernels read both in place)")
-    for (name, _, ours, mib_ours), (_, _, theirs, mib_theirs) in zip(rows[::2], rows[1::2], strict=True):
-        print(f"    {name}: prefix_kernels takes {ours / theirs:.2f}x the time and {mib_ours / mib_theirs:.2f}x the "
-              "memory of the eager PEFT-style path")
+    return summary
 
 
-def run(device: torch.device) -> bool:
-    """The model-level demo; returns whether every parity check passed."""
+def run(device: torch.device, summary: list[str] | None = None) -> bool:
+    """The model-level demo; returns whether every parity check passed. Appends the timing summary (prefix_kernels
+    against the eager PEFT-style path, each ratio with its spread) to ``summary``."""
     try:
         import transformers
     except ImportError as e:
@@ -208,6 +233,8 @@ def run(device: torch.device) -> bool:
     start = time.perf_counter()
     ok_bert, *bert = _classifier(device, backend)
     ok_llama, *llama = _decoder(device, backend)
-    _speed(device, bert, llama)
+    lines = _speed(device, bert, llama)
+    if summary is not None:
+        summary.extend(lines)
     print(f"    (model demo: {time.perf_counter() - start:.1f} s)", file=sys.stderr)
     return ok_bert and ok_llama

@@ -121,7 +121,9 @@ def prefix_attention_ref(
     upcast: bool = True,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference prefix attention. Returns ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq])``.
+    """Reference prefix attention. Returns the pair ``(out [B, Hq, Lq, D] in q.dtype, lse [B, Hq, Lq])``, always:
+    unlike ``prefix_attention``, which returns ``out`` alone unless ``return_lse=True``. Compare with
+    ``out_ref, _ = prefix_attention_ref(...)``.
 
     lse is float32, or float64 when computing in float64.
 
