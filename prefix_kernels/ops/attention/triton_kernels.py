@@ -94,18 +94,33 @@ def _dropout_keep(seed, row_base, rows2, cols2, n_cols, dropout_p):
 
 
 @triton.jit
-def _visible(rows2, cols2, kpm_row, stride_mn, Lq, Lk, n_cols, window,
-             IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which (query, key) pairs are visible; rows2/cols2 are broadcastable row/column index tensors.
-
-    A column is in range if < n_cols (P for prefix tiles, Lk for input tiles). For input tiles pass the
-    flags: key padding reads ``kpm_row[cols * stride_mn]``; causal keeps ``col <= row + Lk - Lq``; a
-    sliding window also keeps ``col > row + Lk - Lq - window``.
-    """
-    ok = cols2 < n_cols
+def _kept_keys(kpm_row, cols, stride_mn, n_cols, HAS_KPM: tl.constexpr):
+    """The key side of visibility for one key tile: ``cols < n_cols`` (P for prefix tiles, Lk for input
+    tiles) and, for input tiles with padding, ``kpm_row[cols * stride_mn]``. Computed once per key tile, it
+    also masks the K/V loads, so a padded key is never read: whatever it holds (NaN, Inf), it reaches no
+    output or gradient."""
+    kept = cols < n_cols
     if HAS_KPM:
-        keep = tl.load(kpm_row + cols2 * stride_mn, mask=ok, other=0)
-        ok = ok & (keep != 0)
+        kept = kept & (tl.load(kpm_row + cols * stride_mn, mask=kept, other=0) != 0)
+    return kept
+
+
+@triton.jit
+def _load_kept(base, rows, kept, stride_r, stride_d, offs_d, D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a [len(rows), BLOCK_D] tile of the rows where ``kept`` is true; the others read as zero."""
+    ptrs = base + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+    tile = tl.load(ptrs, mask=kept[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _visible(rows2, cols2, kept2, Lq, Lk, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query, key) pairs are visible; rows2/cols2 are broadcastable row/column index tensors and
+    kept2 the key side (:func:`_kept_keys`) broadcast like cols2. Causal keeps ``col <= row + Lk - Lq``;
+    a sliding window also keeps ``col > row + Lk - Lq - window``."""
+    ok = kept2
     if IS_CAUSAL:
         diag = rows2 + (Lk - Lq)
         ok = ok & (cols2 <= diag)
@@ -236,10 +251,10 @@ def _attn_fwd_kernel(
     kpm_row = KPM + b64 * stride_mb
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, Lk, D, UPCAST)
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, Lk, D, UPCAST)
-        ok = _visible(rows[:, None], cols[None, :], kpm_row, stride_mn, Lq, Lk, Lk, window,
-                      IS_CAUSAL, HAS_KPM, HAS_WINDOW)
+        kept = _kept_keys(kpm_row, cols, stride_mn, Lk, HAS_KPM)
+        k = _load_kept(k_base, cols, kept, stride_kn, stride_kd, offs_d, D, UPCAST)
+        v = _load_kept(v_base, cols, kept, stride_vn, stride_vd, offs_d, D, UPCAST)
+        ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         m_i, l_i, acc = _fwd_tile(q, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, m_i, l_i, acc, rows,
                                   row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
                                   HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
@@ -252,7 +267,9 @@ def _attn_fwd_kernel(
     o_ptrs = O + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows[:, None] < Lq) & (offs_d[None, :] < D))
     if STORE_LSE:
-        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+        # A row with a NaN logit has l_i = NaN (tl.maximum drops NaN from m_i): its LSE is NaN, as its output.
+        seen = l_i != 0.0
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
         tl.store(LSE + row_base + rows, lse, mask=rows < Lq)
 
 
@@ -282,11 +299,11 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_accumulate(
-    dk, dv, k, v, cols, cols_g, pos, n_cols, n_cols_total,
-    q_bh, do_bh, lse_bh, delta_bh, kpm_row, row_base, seed, slope2,
-    stride_qm, stride_qd, stride_dom, stride_dod, stride_mn,
+    dk, dv, k, v, cols, cols_g, pos, n_cols_total,
+    q_bh, do_bh, lse_bh, delta_bh, kept, row_base, seed, slope2,
+    stride_qm, stride_qd, stride_dom, stride_dod,
     m_lo, m_hi, Lq, Lk, D: tl.constexpr, sm_scale, qk_scale, window, softcap, dropout_p,
-    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -294,8 +311,9 @@ def _dkdv_accumulate(
     """Add one (batch row, query head)'s contribution over query rows [m_lo, m_hi) to a key tile's dK, dV.
 
     Works on the transposed scores [BLOCK_N, BLOCK_M] so that dK and dV accumulate as plain dots.
-    cols index the tile within its source (bound n_cols), cols_g are the global columns of
-    [prefix ; input] (dropout), pos the ALiBi positions. dK is returned without the softmax scale.
+    cols index the tile within its source, kept is its key side (:func:`_kept_keys`, loop-invariant: the
+    caller computes it once per key tile), cols_g are the global columns of [prefix ; input] (dropout), pos
+    the ALiBi positions. dK is returned without the softmax scale.
     """
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -308,8 +326,7 @@ def _dkdv_accumulate(
         xT = tl.dot(k, qT, input_precision=PRECISION)
         sT, tT = _logits(xT, pos[:, None], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI,
                          USE_LIBDEVICE)
-        ok = _visible(rows[None, :], cols[:, None], kpm_row, stride_mn, Lq, Lk, n_cols, window,
-                      IS_CAUSAL, HAS_KPM, HAS_WINDOW)
+        ok = _visible(rows[None, :], cols[:, None], kept[:, None], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         ok = ok & (rows[None, :] < Lq)
         pT = tl.where(ok, tl.math.exp2(sT - lse2[None, :]), 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -355,8 +372,9 @@ def _attn_bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * stride_kb + g64 * stride_kh, cols, stride_kn, stride_kd, offs_d, Lk, D, UPCAST)
-    v = _load_rows(V + b64 * stride_vb + g64 * stride_vh, cols, stride_vn, stride_vd, offs_d, Lk, D, UPCAST)
+    kept = _kept_keys(KPM + b64 * stride_mb, cols, stride_mn, Lk, HAS_KPM)  # loop-invariant: once per key tile
+    k = _load_kept(K + b64 * stride_kb + g64 * stride_kh, cols, kept, stride_kn, stride_kd, offs_d, D, UPCAST)
+    v = _load_kept(V + b64 * stride_vb + g64 * stride_vh, cols, kept, stride_vn, stride_vd, offs_d, D, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -381,7 +399,6 @@ def _attn_bwd_dkdv_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    kpm_row = KPM + b64 * stride_mb
     for hh in range(0, GROUP):
         h64 = g64 * GROUP + hh
         bh = b64 * Hq + h64
@@ -389,12 +406,12 @@ def _attn_bwd_dkdv_kernel(
         if HAS_ALIBI:
             slope2 = tl.load(ALIBI + h64) * LOG2E
         dk, dv = _dkdv_accumulate(
-            dk, dv, k, v, cols, P + cols, pos, Lk, P + Lk,
+            dk, dv, k, v, cols, P + cols, pos, P + Lk,
             Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
-            LSE + bh * Lq, DELTA + bh * Lq, kpm_row, bh * Lq, seed, slope2,
-            stride_qm, stride_qd, stride_dom, stride_dod, stride_mn,
+            LSE + bh * Lq, DELTA + bh * Lq, kept, bh * Lq, seed, slope2,
+            stride_qm, stride_qd, stride_dom, stride_dod,
             m_lo, m_hi, Lq, Lk, D, sm_scale, qk_scale, window, softcap, dropout_p,
-            IS_CAUSAL, HAS_KPM, HAS_ALIBI, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP,
+            IS_CAUSAL, HAS_ALIBI, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP,
             BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
         )
     dk = dk * sm_scale
@@ -464,12 +481,12 @@ def _attn_bwd_prefix_dkdv_kernel(
         if HAS_ALIBI:
             slope2 = tl.load(ALIBI + h64) * LOG2E
         dk, dv = _dkdv_accumulate(
-            dk, dv, k, v, cols, cols, pos, p_n, P + Lk,
+            dk, dv, k, v, cols, cols, pos, P + Lk,
             Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
-            LSE + bh * Lq, DELTA + bh * Lq, Q, bh * Lq, seed, slope2,
-            stride_qm, stride_qd, stride_dom, stride_dod, 0,
+            LSE + bh * Lq, DELTA + bh * Lq, cols < p_n, bh * Lq, seed, slope2,
+            stride_qm, stride_qd, stride_dom, stride_dod,
             0, Lq, Lq, Lk, D, sm_scale, qk_scale, 0, softcap, dropout_p,
-            False, False, HAS_ALIBI, HAS_DROPOUT, False, HAS_SOFTCAP,
+            False, HAS_ALIBI, HAS_DROPOUT, False, HAS_SOFTCAP,
             BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
         )
     dk = dk * sm_scale
@@ -580,10 +597,10 @@ def _attn_bwd_dq_kernel(
     kpm_row = KPM + b64 * stride_mb
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(k_base, cols, stride_kn, stride_kd, offs_d, Lk, D, UPCAST)
-        v = _load_rows(v_base, cols, stride_vn, stride_vd, offs_d, Lk, D, UPCAST)
-        ok = _visible(rows[:, None], cols[None, :], kpm_row, stride_mn, Lq, Lk, Lk, window,
-                      IS_CAUSAL, HAS_KPM, HAS_WINDOW)
+        kept = _kept_keys(kpm_row, cols, stride_mn, Lk, HAS_KPM)
+        k = _load_kept(k_base, cols, kept, stride_kn, stride_kd, offs_d, D, UPCAST)
+        v = _load_kept(v_base, cols, kept, stride_vn, stride_vd, offs_d, D, UPCAST)
+        ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         dq = _dq_tile(dq, q, do, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, rows, row_base, seed,
                       n_cols, lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
                       HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
