@@ -204,6 +204,18 @@ class PrefixHandle:
         while self._undo:
             self._undo.pop()()
 
+    def print_trainable_parameters(self) -> None:
+        """PEFT's "trainable params: X || all params: Y || trainable%: Z" for the model."""
+        from .training import print_trainable_parameters
+
+        print_trainable_parameters(self.model)
+
+    def save_pretrained(self, directory) -> None:
+        """The model's trained state (see :mod:`.checkpoint`); reload with ``prefix_kernels.from_pretrained``."""
+        from .checkpoint import save_trained_state
+
+        save_trained_state(self, directory)
+
     def save_peft_adapter(self, directory, prefix=None) -> None:
         """Write a PEFT prefix-tuning adapter directory (see :func:`prefix_kernels.save_peft_adapter`); for a bank,
         of the one ``prefix`` (a name or position)."""
@@ -335,6 +347,9 @@ class PrefixHandle:
         self._undo.append(model.base_model.register_forward_pre_hook(self.state.begin_forward, with_kwargs=True).remove)
         self._undo.append(model.base_model.register_forward_hook(self._check_reached).remove)
         self._set_attr(model, "create_masks_for_generate", _masks_from_forward)
+        from .checkpoint import install  # save_pretrained, print_trainable_parameters on the instance
+
+        install(self)
 
     def _check_reached(self, module, args, output) -> None:
         if self.state.enabled and self.state.fetches == 0:
