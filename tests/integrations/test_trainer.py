@@ -221,3 +221,21 @@ def test_print_trainable_parameters(tmp_path, capsys):
     assert capsys.readouterr().out == f"{line}\n{line}\n"
     handle.remove()
     assert not hasattr(model, "print_trainable_parameters")
+
+
+def test_checkpointing_switch_names_this_transformers_method(tmp_path):
+    from prefix_kernels.integrations.hf import training
+
+    model, handle = _prefix_tuned(tmp_path)
+    text = training.checkpointing_call_text(use_reentrant=False)
+    name = text.split("(")[0]
+    assert callable(getattr(model, name))
+    new = hasattr(model, "activation_checkpointing_enable")
+    assert name == ("activation_checkpointing_enable" if new else "gradient_checkpointing_enable")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the new name where it exists: no deprecation warning
+        training.checkpointing_enable(model, use_reentrant=False)
+    flag = "is_activation_checkpointing" if new else "is_gradient_checkpointing"
+    assert getattr(model, flag)
+    training.checkpointing_disable(model)
+    assert not getattr(model, flag)
