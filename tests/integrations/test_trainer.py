@@ -239,3 +239,20 @@ def test_checkpointing_switch_names_this_transformers_method(tmp_path):
     assert getattr(model, flag)
     training.checkpointing_disable(model)
     assert not getattr(model, flag)
+
+
+def test_from_pretrained_of_a_peft_adapter_directory(tmp_path):
+    model, handle = _prefix_tuned(tmp_path)
+    with torch.no_grad():
+        for p in handle.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    ids = torch.stack([d["input_ids"] for d in _data(4, seed=3)])
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        without = _base(tmp_path).eval()(input_ids=ids).logits
+    handle.save_peft_adapter(tmp_path / "peft")
+    loaded = pk.from_pretrained(transformers.AutoModelForSequenceClassification, tmp_path / "peft")
+    with torch.no_grad():
+        got = loaded.model.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (without - expected).abs().max() > 1e-3
