@@ -23,6 +23,9 @@ _LAZY = {
     "load_peft_adapter": ".integrations.peft",
     "load_peft_adapters": ".integrations.peft",
     "save_peft_adapter": ".integrations.peft",
+    "from_pretrained": ".integrations.hf.reload",
+    "init_prefix_from_tokens": ".integrations.hf.init",
+    "init_prefix_zeros": ".integrations.hf.init",
 }
 
 __all__ = [
@@ -34,7 +37,10 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "apply_prefix_tuning",
+    "from_pretrained",
     "handle_of",
+    "init_prefix_from_tokens",
+    "init_prefix_zeros",
     "load_peft_adapter",
     "load_peft_adapters",
     "prefix_attention",

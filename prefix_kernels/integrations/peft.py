@@ -53,8 +53,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .hf.apply import ENCODER_NAME, HANDLE_ATTR, PrefixHandle, apply_prefix_tuning
+from .hf.apply import PrefixHandle, apply_prefix_tuning
 from .hf.config import PrefixConfig
+from .hf.facts import ENCODER_NAME, HANDLE_ATTR
 from .hf.facts import find_modules as _find_modules
 from .hf.facts import model_sizes as _sizes
 

@@ -37,17 +37,16 @@ from torch import nn
 from ...modules import PrefixBank, PrefixEncoder
 from . import registration
 from .attention import SLOT_ATTR
+from .checkpoint import install as install_checkpointing
+from .checkpoint import save_trained_state
 from .config import PrefixConfig
-from .facts import find_modules, model_sizes, task_of
+from .facts import ENCODER_NAME, HANDLE_ATTR, find_modules, model_sizes, task_of
 from .families import Family, family_of
 from .generation import ExpandInputs, Generate
 from .heads import RoutedHead
 from .patches import Patches
 from .positions import ShiftPositions
 from .state import DelegateSlot, PrefixSlot, PrefixState
-
-ENCODER_NAME = "prefix_encoder"
-HANDLE_ATTR = "_prefix_kernels_handle"
 
 
 def _masks_from_forward(config, inputs_embeds, attention_mask, *args, **kwargs):
@@ -211,6 +210,16 @@ class PrefixHandle:
         the model (``copy.deepcopy``) has its own handle, and removing one leaves the other as it is."""
         self.patches.undo_all(self.model)
 
+    def print_trainable_parameters(self) -> None:
+        """PEFT's "trainable params: X || all params: Y || trainable%: Z" for the model."""
+        from .training import print_trainable_parameters
+
+        print_trainable_parameters(self.model)
+
+    def save_pretrained(self, directory) -> None:
+        """The model's trained state (see :mod:`.checkpoint`); reload with ``prefix_kernels.from_pretrained``."""
+        save_trained_state(self, directory)
+
     def save_peft_adapter(self, directory, prefix=None) -> None:
         """Write a PEFT prefix-tuning adapter directory (see :func:`prefix_kernels.save_peft_adapter`); for a bank,
         of the one ``prefix`` (a name or position)."""
@@ -308,6 +317,7 @@ class PrefixHandle:
         if hasattr(type(model), "generate") and hasattr(type(model), "_expand_inputs_for_generation"):
             patches.set_attr(model, "", "generate", Generate(model, self.state))
             patches.set_attr(model, "", "_expand_inputs_for_generation", ExpandInputs(model, self.state))
+        install_checkpointing(self)  # save_pretrained, print_trainable_parameters on the instance
 
 
 _MODEL_WIDE = ("shift_positions", "modules_to_save", "freeze_base_model", "backend")

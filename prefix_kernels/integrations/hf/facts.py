@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+# Where applying puts things on the model: the prefix encoder submodule, and the handle (an instance attribute).
+ENCODER_NAME = "prefix_encoder"
+HANDLE_ATTR = "_prefix_kernels_handle"
+
 # PEFT's task type and modules_to_save for its task-specific models, by the head class's name suffix.
 _TASK_HEADS = (
     ("ForSequenceClassification", "SEQ_CLS", ("classifier", "score")),

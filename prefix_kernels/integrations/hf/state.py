@@ -299,9 +299,11 @@ class PrefixState:
         encoders = self.encoder.encoders if self.is_bank else [self.encoder]
         saves = any(e.prefix_projection or (e.training and e.prefix_dropout > 0) for e in encoders)
         if options.get("use_reentrant") and saves and any(p.requires_grad for p in self.encoder.parameters()):
-            raise ValueError("prefix tuning with a projection or prefix dropout needs non-reentrant gradient "
-                             "checkpointing (one prefix feeds every layer): call gradient_checkpointing_enable("
-                             "gradient_checkpointing_kwargs={'use_reentrant': False}), transformers' default")
+            from .training import checkpointing_call_text
+
+            raise ValueError("prefix tuning with a projection or prefix dropout needs non-reentrant activation "
+                             "checkpointing (one prefix feeds every layer): call "
+                             f"{checkpointing_call_text(use_reentrant=False)}, transformers' default")
 
     def begin_forward(self, module, args, kwargs) -> None:
         """Forward pre-hook of the base model, where a forward begins: open this thread's call; resolve the row
