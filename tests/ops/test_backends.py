@@ -128,3 +128,18 @@ def test_reasons_come_from_the_declared_capabilities(monkeypatch):
         "prefix banks (prefix_index / prefix_lengths, or more than one prefix) are not implemented by the Triton "
         "kernels yet"]
     assert backends.get("torch").input_reasons(spec) == []
+
+
+@pytest.mark.parametrize("device,head_dim,declined", [("cuda", 64, False), ("cuda", 96, True), ("cuda", 128, True),
+                                                      ("cpu", 128, False)])
+def test_triton_declines_fp32_above_64_on_a_gpu_only(device, head_dim, declined):
+    """fp32 (3xTF32) above head dim 64 spills registers on a GPU (the static report), so the Triton backend declines
+    it there with the reason; the interpreter, which has no registers, serves it up to 128."""
+    import dataclasses
+
+    spec, _ = check_inputs(*_qkv(D=head_dim, dtype=torch.float32))
+    spec = dataclasses.replace(spec, device=torch.device(device))
+    reasons = attention_backends.TritonAttention().input_reasons(spec)
+    assert bool(reasons) == declined, reasons
+    if declined:
+        assert "not supported on a GPU" in reasons[0] and "spills registers" in reasons[0]

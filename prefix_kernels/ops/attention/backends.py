@@ -103,6 +103,15 @@ class TritonAttention(AttentionBackend):
     def device_reasons(self, device: torch.device) -> list[str]:
         return triton_utils.device_reasons(device)
 
+    def input_reasons(self, spec: AttentionSpec) -> list[str]:
+        reasons = super().input_reasons(spec)
+        gpu_top = triton_impl.MAX_HEAD_DIM_FP32_GPU
+        if spec.device.type == "cuda" and spec.dtype == torch.float32 and gpu_top < spec.head_dim <= \
+                triton_impl.MAX_HEAD_DIM_FP32:
+            reasons.append(f"float32 at head dim {spec.head_dim} is not supported on a GPU (3xTF32 spills registers "
+                           f"above head dim {gpu_top} in the backward kernels; use bf16/fp16 or the torch backend)")
+        return reasons
+
     def impl(self):
         return triton_impl
 

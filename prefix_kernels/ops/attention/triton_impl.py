@@ -27,6 +27,9 @@ LOG2E = 1.4426950408889634
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 MAX_HEAD_DIM_FP32 = 128  # fp32 (3xTF32) at D = 256 spills registers at every tile size: see kernel_report
+# On a GPU, fp32 above head dim 64 spills at every tile down to 16 x 16 in the dK/dV and dQ kernels with Triton 3.6
+# and 3.8 (kernel_report); the interpreter, which has no registers, still serves it up to MAX_HEAD_DIM_FP32.
+MAX_HEAD_DIM_FP32_GPU = 64
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq")
 ARCHS = (80, 90)
 
@@ -45,18 +48,19 @@ _HALF_TILES = {
         "bwd_dq": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (32, 32, 4, 1)},
     },
     80: {
-        "fwd": {64: (128, 64, 8, 2), 128: (64, 64, 4, 2), 256: (64, 32, 8, 2)},
+        "fwd": {64: (128, 64, 8, 2), 128: (64, 64, 8, 2), 256: (64, 32, 8, 2)},
         "fwd_decode": {128: (16, 64, 8, 2), 256: (16, 32, 4, 2)},
         "bwd_dkdv": {64: (64, 32, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
-        "bwd_prefix_dkdv": {64: (64, 32, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 1)},
+        "bwd_prefix_dkdv": {16: (64, 32, 4, 2), 32: (64, 32, 8, 2), 64: (64, 32, 4, 2), 128: (32, 64, 8, 2),
+                            256: (32, 32, 8, 1)},
         "bwd_dq": {64: (64, 64, 8, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
     },
 }
 # fp32 runs its dots as 3xTF32, which holds three times the operand state: small tiles, same on both archs.
 _FP32_TILES = {
     "fwd": {128: (32, 32, 8, 1)},
-    "fwd_decode": {128: (16, 32, 4, 1)},
-    "bwd_dkdv": {32: (16, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 4, 1)},
+    "fwd_decode": {64: (16, 32, 8, 1), 128: (16, 32, 4, 1)},
+    "bwd_dkdv": {32: (32, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 4, 1)},
     "bwd_prefix_dkdv": {32: (16, 32, 4, 1), 64: (32, 32, 8, 1), 128: (16, 16, 4, 1)},
     "bwd_dq": {64: (32, 32, 8, 1), 128: (16, 32, 4, 1)},
 }
@@ -65,18 +69,20 @@ _FP32_TILES = {
 # Overrides for kernels with optional features on, per (arch, element bytes): only where the plain tile
 # spills once the dropout RNG and the softcap's tanh are live (kernel_report shows both flag sets).
 _FP32_FEATURED = {
-    "fwd_decode": {128: (16, 16, 4, 1)},
+    "fwd_decode": {64: (16, 16, 4, 1), 128: (16, 16, 4, 1)},
     "bwd_dkdv": {32: (32, 16, 4, 1), 64: (32, 16, 4, 1), 128: (16, 16, 8, 1)},
+    "bwd_dq": {32: (32, 16, 8, 1)},
 }
 _FEATURED_TILES = {
     (90, 2): {
-        "bwd_dkdv": {64: (32, 64, 8, 2), 256: (32, 16, 8, 1)},
+        "fwd_decode": {256: (16, 32, 4, 1)},
+        "bwd_dkdv": {64: (32, 64, 8, 2), 128: (32, 32, 8, 2), 256: (32, 16, 8, 1)},
         "bwd_prefix_dkdv": {64: (32, 64, 8, 2)},
-        "bwd_dq": {128: (128, 32, 8, 2)},
+        "bwd_dq": {64: (128, 32, 8, 2), 128: (128, 32, 8, 2)},
     },
     (80, 2): {
-        "bwd_dkdv": {32: (32, 64, 8, 2)},
-        "bwd_prefix_dkdv": {32: (32, 64, 8, 2)},
+        "bwd_dkdv": {32: (32, 64, 8, 2), 128: (32, 32, 8, 2)},
+        "bwd_prefix_dkdv": {16: (32, 64, 8, 2), 32: (32, 64, 8, 2)},
         "bwd_dq": {64: (64, 32, 8, 2)},
     },
     (90, 4): _FP32_FEATURED,
@@ -132,7 +138,7 @@ def shipped_configs():
     for arch in ARCHS:
         for dtype in ("fp16", "bf16", "fp32"):
             elem_bytes = 4 if dtype == "fp32" else 2
-            max_d = MAX_HEAD_DIM_FP32 if dtype == "fp32" else MAX_HEAD_DIM
+            max_d = MAX_HEAD_DIM_FP32_GPU if dtype == "fp32" else MAX_HEAD_DIM
             for bd in (16, 32, 64, 128, 256):
                 if bd > max_d:
                     continue
