@@ -93,3 +93,37 @@ def test_zero_init(projection):
     loss.backward()
     opt.step()
     assert handle.prefix().abs().sum() > 0
+
+
+def test_prefix_init_field_of_the_config():
+    """PrefixConfig(prefix_init=...) does at apply time what the init functions do after it, per prefix of a bank;
+    "random" leaves the encoder's own initialisation."""
+    tokens = _tokens(5, P).tolist()
+    by_field = pk.apply_prefix_tuning(build("llama"), pk.PrefixConfig(P, backend="torch", prefix_init=tokens))
+    by_call = pk.apply_prefix_tuning(build("llama"), pk.PrefixConfig(P, backend="torch"))
+    pk.init_prefix_from_tokens(by_call, tokens)
+    assert torch.equal(by_field.prefix(), by_call.prefix())
+    bank = pk.apply_prefix_tuning(build("llama"), {
+        "z": pk.PrefixConfig(3, backend="torch", prefix_init="zeros"),
+        "t": pk.PrefixConfig(P, backend="torch", prefix_init=torch.tensor(tokens)),
+        "r": pk.PrefixConfig(2, backend="torch")})
+    assert bank.encoder_of("z").embedding.weight.abs().sum() == 0
+    assert torch.equal(bank.encoder_of("t").embedding.weight, by_call.prefix_encoder.embedding.weight)
+    assert bank.encoder_of("r").embedding.weight.abs().sum() > 0
+    projected = pk.apply_prefix_tuning(build("llama"), pk.PrefixConfig(P, prefix_projection=True, backend="torch",
+                                                                        prefix_init="zeros"))
+    assert projected.prefix().abs().sum() == 0
+
+
+def test_prefix_init_field_refusals():
+    with pytest.raises(ValueError, match="prefix_init"):
+        pk.PrefixConfig(P, prefix_init="ones")
+    with pytest.raises(ValueError, match="num_virtual_tokens=5"):
+        pk.PrefixConfig(P, prefix_init=[1, 2, 3])
+    with pytest.raises(TypeError, match="prefix_init"):
+        pk.PrefixConfig(P, prefix_init=[1.5] * P)
+    model = build("llama")
+    with pytest.raises(ValueError, match="prefix_projection=True"):  # a clear refusal, and nothing left applied
+        pk.apply_prefix_tuning(model, pk.PrefixConfig(P, prefix_projection=True, prefix_init=[3] * P))
+    with pytest.raises(ValueError, match="not prefix-tuned"):
+        pk.handle_of(model)

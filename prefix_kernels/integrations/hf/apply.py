@@ -415,7 +415,19 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig | Mapping[str, Pr
     handle = PrefixHandle(model, config, family, encoder, modules, configs)
     try:
         handle._install(modules)
+        _initialise(handle, configs)
     except BaseException:
         handle.remove()
         raise
     return handle
+
+
+def _initialise(handle: PrefixHandle, configs: dict[str, PrefixConfig] | None) -> None:
+    """Each prefix's ``prefix_init`` (``"random"``: the encoder's own initialisation, nothing to do)."""
+    from .init import init_prefix_from_tokens, init_prefix_zeros
+
+    for name, config in (configs or {None: handle.config}).items():
+        if config.prefix_init == "zeros":
+            init_prefix_zeros(handle, prefix=name)
+        elif config.prefix_init != "random":
+            init_prefix_from_tokens(handle, list(config.prefix_init), prefix=name)

@@ -17,13 +17,16 @@ prefix, 35.8% for a zero one and 41.6% for one initialised from real tokens' key
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .apply import PrefixHandle
+if TYPE_CHECKING:  # apply.py runs these functions for PrefixConfig.prefix_init: no import back at run time
+    from .apply import PrefixHandle
 
 
 def _encoder(handle: PrefixHandle, prefix):
-    if not isinstance(handle, PrefixHandle):
+    if not (hasattr(handle, "encoder_of") and hasattr(handle, "patches")):
         raise TypeError(f"pass the PrefixHandle that apply_prefix_tuning returned, got {type(handle).__name__}")
     handle._require_active()
     return handle.encoder_of(prefix)

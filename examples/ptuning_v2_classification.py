@@ -13,7 +13,7 @@ By default it runs on a tiny random-weight RoBERTa and a generated word-level ta
 a minute on a CPU), with the tutorial's settings scaled down. ``--model path/or/name`` runs the same on a real
 checkpoint (its tokenizer too); ``--steps``, ``--batch-size``, ``--max-length``, ``--lr`` set the rest.
 
-    python examples/ptuning_v2_classifier.py --steps 60
+    python examples/ptuning_v2_classification.py --steps 60
 """
 
 from __future__ import annotations
@@ -91,7 +91,11 @@ def main(argv=None):
     parser.add_argument("--num-virtual-tokens", type=int, default=8)
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--result", default=None, help="write a JSON summary here")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random RoBERTa and generated data (the default without --model; what CI runs)")
     args = parser.parse_args(argv)
+    if args.tiny and args.model:
+        parser.error("--tiny and --model exclude each other")
     out = args.output_dir or tempfile.mkdtemp(prefix="ptuning_v2_")
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(min(4, torch.get_num_threads()))

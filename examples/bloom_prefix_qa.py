@@ -12,7 +12,7 @@ checkpoint then holds them too, and ``pk.from_pretrained`` puts them back.
 By default it runs on a tiny random-weight Bloom and a generated word-level task (nothing downloaded; well under a
 minute on a CPU). ``--model path/or/name`` runs it on a real checkpoint (with its tokenizer).
 
-    python examples/bloom_generative_qa.py --steps 60 --bitfit
+    python examples/bloom_prefix_qa.py --steps 60 --bitfit
 """
 
 from __future__ import annotations
@@ -91,7 +91,11 @@ def main(argv=None):
     parser.add_argument("--bitfit", action="store_true", help="also train the base model's biases (BitFit)")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--result", default=None, help="write a JSON summary here")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random Bloom and generated data (the default without --model; what CI runs)")
     args = parser.parse_args(argv)
+    if args.tiny and args.model:
+        parser.error("--tiny and --model exclude each other")
     out = args.output_dir or tempfile.mkdtemp(prefix="bloom_qa_")
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(min(4, torch.get_num_threads()))
