@@ -24,9 +24,10 @@ def config(family: str, **overrides):
         cls = t.T5Config if family == "t5" else t.MT5Config
         # d_kv != d_model / heads is allowed in T5: keep it equal; relative buckets small so the prefix's distance
         # lands in distinct buckets
-        return cls(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                   pad_token_id=PAD, eos_token_id=2, decoder_start_token_id=0, **overrides)
+        return cls(**{**dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                             num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                             dropout_rate=0.0, pad_token_id=PAD, eos_token_id=2, decoder_start_token_id=0),
+                      **overrides})
     common = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
                   dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, bos_token_id=0,

@@ -276,3 +276,24 @@ def reference_generate(model: nn.Module, prefixes: dict[str, torch.Tensor], *, t
     with injected(model, prefixes, t5_prefix_bias=t5_prefix_bias):
         return model.generate(**kwargs, use_cache=False)
 
+
+
+def peft_decoder_prefix(table: torch.Tensor, num_layers: int, num_heads: int, num_decoder_layers: int) -> torch.Tensor:
+    """The decoder self-attention prefix ``[num_decoder_layers, 2, H, P, D]`` that PEFT 0.21.2's seq2seq prefix
+    tuning feeds, from its table ``table`` ``[P, num_layers * 2 * H * D]`` (``prompt_encoder(...)`` of one row, or
+    the saved ``prompt_embeddings``; ``num_layers`` is PEFT's: the *encoder's* layer count).
+
+    What PEFT does (``PeftModel.get_prompt`` with ``num_transformer_submodules=2``): it views the table as ``[P,
+    2L, H, D]`` (entry ``2s + kv`` is slot s), concatenates it with itself to ``[P, 4L, H, D]``, and splits the 4L
+    entries into L chunks of 4 consecutive entries (self k, self v, cross k, cross v); it then discards the cross
+    half (an empty cross-attention cache: the encoder output fills it). So decoder layer l reads slot
+    ``2l mod L``: with L = 2 both decoder layers take slot 0 and slot 1 is never used; cross-attention and the
+    encoder get no prefix. Decoder layers at or past L get no prefix either (the cache has L layers): not
+    representable here, so it raises."""
+    if num_decoder_layers > num_layers:
+        raise ValueError(f"PEFT gives decoder layers {num_layers}..{num_decoder_layers - 1} no prefix (its cache has "
+                         f"num_layers={num_layers} layers): no [num_decoder_layers, ...] prefix describes that")
+    P = table.shape[0]
+    entries = table.reshape(P, 2 * num_layers, num_heads, -1).permute(1, 2, 0, 3)  # [2L, H, P, D]
+    slots = [(2 * layer) % num_layers for layer in range(num_decoder_layers)]
+    return torch.stack([entries[2 * s: 2 * s + 2] for s in slots])
