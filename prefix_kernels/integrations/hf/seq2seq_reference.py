@@ -262,9 +262,9 @@ def injected(model: nn.Module, prefixes: dict[str, torch.Tensor], *, t5_prefix_b
 
 
 def reference_forward(model: nn.Module, prefixes: dict[str, torch.Tensor], *, t5_prefix_bias: str = "before",
-                      **inputs):
+                      shift_decoder_positions: bool = True, **inputs):
     """``model(**inputs, use_cache=False)`` with ``prefixes`` injected (see :func:`injected`)."""
-    with injected(model, prefixes, t5_prefix_bias=t5_prefix_bias):
+    with injected(model, prefixes, t5_prefix_bias=t5_prefix_bias, shift_decoder_positions=shift_decoder_positions):
         return model(**inputs, use_cache=False)
 
 
@@ -297,3 +297,76 @@ def peft_decoder_prefix(table: torch.Tensor, num_layers: int, num_heads: int, nu
     entries = table.reshape(P, 2 * num_layers, num_heads, -1).permute(1, 2, 0, 3)  # [2L, H, P, D]
     slots = [(2 * layer) % num_layers for layer in range(num_decoder_layers)]
     return torch.stack([entries[2 * s: 2 * s + 2] for s in slots])
+
+
+def split_sites(flat: torch.Tensor, layers: dict[str, int]) -> dict[str, torch.Tensor]:
+    """A prefix ``[sum of layers, 2, Hkv, P, D]`` cut into sites, in the order of ``layers`` ({site: layer count})."""
+    return dict(zip(layers, flat.split(list(layers.values())), strict=True))
+
+
+def compare_with_seq2seq_reference(model: nn.Module, reference: nn.Module, handle, inputs: dict, *,
+                                   grads: bool = True, t5_prefix_bias: str = "before",
+                                   shift_decoder_positions: bool = True):
+    """The prefix-tuned ``model`` against the eager reference, under the tolerance rule of
+    :mod:`prefix_kernels.testing`: logits at real target tokens, the loss (when ``inputs`` has labels) and the
+    gradient of every prefix-encoder parameter, from a fixed random functional of the logits plus the loss.
+
+    The truth is ``reference`` (an eager copy made before applying) and a copy of the handle's encoder, both in
+    float64; the baseline the same in float32. The encoder's output is cut into sites by the layer counts of
+    ``handle.site_prefixes()`` in its key order (checked equal to what the handle hands out), so the truth's
+    prefixes come from the fp64 encoder through the same cut. Returns one Comparison per quantity; the encoder's
+    ``.grad`` are left as they were."""
+    import copy
+
+    from ...testing import compare
+
+    encoder = handle.prefix_encoder
+    handed = {site: t.detach() for site, t in handle.site_prefixes().items()}
+    layers = {site: t.shape[0] for site, t in handed.items()}
+    with torch.no_grad():
+        cut = split_sites(encoder(), layers)
+    for site, t in handed.items():
+        if not torch.equal(cut[site].to(t.dtype), t):
+            raise AssertionError(f"the encoder's output cut by site is not handle.site_prefixes()[{site!r}]")
+    truth_model, truth_encoder = copy.deepcopy(reference).double(), copy.deepcopy(encoder).double()
+    if "decoder_attention_mask" in inputs:
+        real = inputs["decoder_attention_mask"].bool()
+    elif "labels" in inputs:
+        real = inputs["labels"] != -100
+    else:
+        real = None
+    probe = torch.Generator().manual_seed(2)
+    weights = None
+    options = {"t5_prefix_bias": t5_prefix_bias, "shift_decoder_positions": shift_decoder_positions}
+
+    def run(fn, enc):
+        nonlocal weights
+        enc.zero_grad(set_to_none=True)
+        output = fn()
+        logits = output.logits if real is None else output.logits[real]
+        loss = getattr(output, "loss", None)
+        if grads:
+            if weights is None:
+                weights = torch.randn(logits.shape, generator=probe)
+            scalar = (logits.double() * weights.to(logits.device, torch.float64)).sum()
+            (scalar + (0 if loss is None else loss.double())).backward()
+        grads_ = [p.grad.detach().clone() for p in enc.parameters()] if grads else []
+        return logits.detach(), None if loss is None else loss.detach(), grads_
+
+    saved = [p.grad for p in encoder.parameters()]
+    ours, ours_loss, ours_g = run(lambda: model(**inputs), encoder)
+    base, base_loss, base_g = run(lambda: reference_forward(reference, split_sites(encoder(), layers), **options,
+                                                            **inputs), encoder)
+    for p, grad in zip(encoder.parameters(), saved, strict=True):
+        p.grad = grad
+    truth, truth_loss, truth_g = run(lambda: reference_forward(truth_model, split_sites(truth_encoder(), layers),
+                                                               **options, **inputs), truth_encoder)
+    P = handle.num_virtual_tokens
+    n_terms = P + max(inputs["input_ids"].shape[1], real.shape[1] if real is not None else 0)
+    results = [compare("logits", ours, truth, base, 2.0, n_terms)]
+    if ours_loss is not None:
+        results.append(compare("loss", ours_loss, truth_loss, base_loss, 2.0, n_terms))
+    names = [n for n, _ in encoder.named_parameters()]
+    for name, o, t, b in zip(names, ours_g, truth_g, base_g, strict=True):
+        results.append(compare(f"d {name}", o, t, b, 3.0, n_terms * inputs["input_ids"].shape[0]))
+    return results
