@@ -10,7 +10,7 @@ from prefix_kernels import prefix_attention
 from prefix_kernels.ops.attention import backends, check_inputs, prefix_attention_ref, select_backend
 from prefix_kernels.testing import assert_parity, check_backend, compare, make_inputs
 
-BACKENDS = ("torch",)  # the Triton kernels serve it in the next commit
+BACKENDS = ("torch", "triton")
 
 
 def _bias(inputs, shape, seed=3, dtype=torch.float32, neg_inf=0.0):
@@ -74,13 +74,15 @@ def _shape_of(full, dims):
 DTYPES = (torch.float32, torch.float16)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("name", sorted(CASES))
+# fp16 on a few cases only: the Triton interpreter is slow.
+PARITY = [(name, torch.float32) for name in sorted(CASES)] + [
+    (name, torch.float16) for name in ("full", "bcast-batch-causal-padded", "alibi-softcap")]
+
+
+@pytest.mark.parametrize(("name", "dtype"), PARITY, ids=[f"{n}-{str(d)[6:]}" for n, d in PARITY])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bias_parity(backend, name, dtype, device):
     kwargs, causal, dims, extra = CASES[name]
-    if dtype == torch.float16 and name not in ("full", "bcast-batch-causal-padded", "alibi-softcap"):
-        pytest.skip("fp16 runs on a few cases (the interpreter is slow)")
     inputs = make_inputs(**kwargs, dtype=dtype, device=device)
     bias = _bias(inputs, _shape_of(_full(inputs), dims))
     assert_parity(check_backend(inputs, backend, causal=causal, lse_grad=True, attn_bias=bias,

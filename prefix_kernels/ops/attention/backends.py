@@ -99,7 +99,6 @@ class TritonAttention(AttentionBackend):
     WHY_MAX_HEAD_DIM_FOR = (f"float32 runs as 3xTF32, which spills registers above head dim "
                             f"{triton_impl.MAX_HEAD_DIM_FP32}; use bf16/fp16 or the torch backend")
     KERNELS = "the Triton kernels"
-    SUPPORTED_FEATURES = triton_impl.SUPPORTED_FEATURES
 
     def device_reasons(self, device: torch.device) -> list[str]:
         return triton_utils.device_reasons(device)

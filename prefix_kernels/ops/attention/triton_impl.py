@@ -30,8 +30,6 @@ MAX_HEAD_DIM_FP32 = 128  # fp32 (3xTF32) at D = 256 spills registers at every ti
 # On a GPU, fp32 above head dim 64 spills at every tile down to 16 x 16 in the dK/dV and dQ kernels with Triton 3.6
 # and 3.8 (kernel_report); the interpreter, which has no registers, still serves it up to MAX_HEAD_DIM_FP32.
 MAX_HEAD_DIM_FP32_GPU = 64
-# Names of features.FEATURES these kernels implement (attn_bias: not yet).
-SUPPORTED_FEATURES = frozenset({"alibi", "dropout", "sliding_window", "softcap", "prefix_bank"})
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq")
 ARCHS = (80, 90)
 
