@@ -19,9 +19,13 @@ import copy
 import pytest
 import torch
 
-from prefix_kernels.integrations.hf.seq2seq_reference import peft_decoder_prefix, reference_forward
+from prefix_kernels.integrations.hf.seq2seq_reference import (
+    peft_decoder_prefix,
+    reference_forward,
+    reference_generate,
+)
 
-from .seq2seq_models import batch, build, decoder_inputs, eager_copy
+from .seq2seq_models import apply, batch, build, decoder_inputs, eager_copy
 
 peft = pytest.importorskip("peft")
 
@@ -73,3 +77,193 @@ def test_peft_prefixes_the_decoder_self_attention_only(family, layers, projectio
         theirs[keep].square().sum().backward()
         grad = twin.prompt_encoder["default"].embedding.weight.grad.reshape(3, 2, 2, -1)  # [P, slot, kv, H*D]
         assert grad[:, 0].abs().max() > 0 and torch.equal(grad[:, 1], torch.zeros_like(grad[:, 1]))
+
+
+# ---------------------------------------------------------------------------------- "peft" mode against PEFT itself
+def _sizes(family, layers):
+    if family == "t5":
+        return {"num_layers": layers, "num_decoder_layers": layers}
+    return {"encoder_layers": layers, "decoder_layers": layers}
+
+
+def _pair(family, layers=2, projection=False, P=3):
+    """Ours in "peft" mode and PEFT's twin of the same base model, holding the same (random) prefix weights."""
+    model = build(family, **_sizes(family, layers))
+    base = copy.deepcopy(model)
+    extra = {"prefix_projection": True, "encoder_hidden_size": 20} if projection else {}
+    handle = apply(model, prefix_sites="peft", num_virtual_tokens=P, **extra)
+    with torch.no_grad():
+        for p in handle.prefix_encoder.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))
+    base.set_attn_implementation("eager")
+    twin = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P, **extra))
+    twin.prompt_encoder["default"].load_state_dict(handle.prefix_encoder.state_dict())
+    return model, handle, twin.eval()
+
+
+def _close(ours, theirs, what):
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("family,layers,projection", [("bart", 2, False), ("bart", 2, True), ("mbart", 2, False),
+                                                      ("t5", 2, False), ("t5", 2, True), ("bart", 3, False),
+                                                      ("t5", 3, True)])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_peft_mode_matches_peft(family, layers, projection, padding):
+    """Logits at real target tokens, the loss from labels and every prefix-encoder gradient equal PEFT's, with the
+    source padded on either side (3 layers: PEFT's slot rule 2l mod L is not the identity there)."""
+    model, handle, twin = _pair(family, layers, projection)
+    ids, mask, labels = batch(padding=padding)
+    real = labels != -100
+    ours = model(input_ids=ids, attention_mask=mask, labels=labels)
+    theirs = twin(input_ids=ids, attention_mask=mask, labels=labels)
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randn(ours.logits[real].shape, generator=g)
+    ((ours.logits[real] * probe).sum() + ours.loss).backward()
+    ((theirs.logits[real] * probe).sum() + theirs.loss).backward()
+    _close(ours.logits[real], theirs.logits[real], "logits")
+    _close(ours.loss, theirs.loss, "loss")
+    peft_params = dict(twin.prompt_encoder["default"].named_parameters())
+    for name, p in handle.prefix_encoder.named_parameters():
+        _close(p.grad, peft_params[name].grad, f"d {name}")
+
+
+@pytest.mark.parametrize("family", ["bart", "mbart", "t5"])
+def test_peft_mode_with_a_decoder_mask_matches_peft(family):
+    """decoder_input_ids with a decoder_attention_mask (PEFT prepends P ones to it)."""
+    model, handle, twin = _pair(family)
+    ids, mask, labels = batch(padding="right")
+    dec, dmask = decoder_inputs(model, labels)
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dmask}
+    with torch.no_grad():
+        _close(model(**inputs).logits[dmask.bool()], twin(**inputs).logits[dmask.bool()], "logits")
+
+
+@torch.no_grad()
+def _peft_forward_greedy(twin, ids, mask, steps):
+    """Greedy decoding by PEFT's own forward, recomputed over the tokens so far each step (no cache): the tokens
+    PEFT's prefix gives, whether or not PEFT's generate() passes it on."""
+    start = twin.get_base_model().config.decoder_start_token_id
+    tokens = torch.full((ids.shape[0], 1), start, dtype=torch.long)
+    for _ in range(steps):
+        logits = twin(input_ids=ids, attention_mask=mask, decoder_input_ids=tokens).logits[:, -1]
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+def _peft_decoder_sites(twin):
+    config = twin.peft_config["default"]
+    layers = len(twin.get_base_model().get_decoder().block if hasattr(twin.get_base_model().get_decoder(), "block")
+                 else twin.get_base_model().get_decoder().layers)
+    with torch.no_grad():
+        return {"decoder": peft_decoder_prefix(_table(twin), config.num_layers, config.num_attention_heads, layers)}
+
+
+@pytest.mark.parametrize("family,layers", [("bart", 2), ("mbart", 2), ("t5", 2), ("bart", 3)])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_peft_mode_generates_peft_tokens(family, layers, beams):
+    """generate() (greedy; beam search) gives the tokens of PEFT's prefix: PEFT's own forward decoding greedily,
+    and the reference holding PEFT's decoder prefix under transformers' generate (greedy and beam)."""
+    model, handle, twin = _pair(family, layers, P=4)
+    ref = eager_copy(twin.get_base_model())
+    ids, mask, _ = batch(padding="right")
+    options = {"max_new_tokens": 6, "do_sample": False, "num_beams": beams}
+    with torch.no_grad():
+        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+        with handle.disabled():
+            plain = model.generate(input_ids=ids, attention_mask=mask, **options)
+    assert not torch.equal(ours, plain)  # the prefix changes the tokens: the comparisons can fail
+    reference = reference_generate(ref, _peft_decoder_sites(twin), input_ids=ids, attention_mask=mask, **options)
+    assert torch.equal(ours, reference)
+    if beams == 1:
+        assert torch.equal(ours, _peft_forward_greedy(twin, ids, mask, 6))
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_peft_mode_generates_what_peft_generate_does(family, beams):
+    """Against PEFT's generate() itself, where it passes its prefix on. PEFT 0.21.2 with transformers 5.24 does
+    not: its prepare_inputs_for_generation puts the prompt under ``past_key_values`` while generate() hands the
+    model its own (empty) cache under ``cache``, which wins, so PEFT generates as if it had no prefix."""
+    model, handle, twin = _pair(family, P=4)
+    ids, mask, _ = batch(padding="right")
+    options = {"max_new_tokens": 6, "do_sample": False, "num_beams": beams}
+    with torch.no_grad():
+        ours = model.generate(input_ids=ids, attention_mask=mask, **options)
+        theirs = twin.generate(input_ids=ids, attention_mask=mask, **options)
+        with twin.disable_adapter():
+            unprefixed = twin.get_base_model().generate(input_ids=ids, attention_mask=mask, **options)
+    if torch.equal(theirs, unprefixed) and not torch.equal(ours, unprefixed):
+        pytest.skip(f"PEFT {peft.__version__}'s generate() drops its seq2seq prefix with this transformers (it "
+                    "generates the unprefixed model's tokens); test_peft_mode_generates_peft_tokens checks ours "
+                    "against PEFT's forward instead")
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_a_peft_adapter_loads_and_gives_peft_outputs(tmp_path, family):
+    import prefix_kernels as pk
+
+    base = build(family)
+    twin = _peft_twin(copy.deepcopy(base), P=4, prefix_projection=True, encoder_hidden_size=20)
+    twin.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    handle = pk.load_peft_adapter(model, tmp_path / "peft", backend="torch")
+    assert set(handle.site_prefixes()) == {"decoder"}
+    ids, mask, labels = batch(padding="left")
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, labels=labels)
+        theirs = twin(input_ids=ids, attention_mask=mask, labels=labels)
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    their_tokens = _peft_forward_greedy(twin, ids, mask, 5)
+    real = labels != -100
+    _close(ours.logits[real], theirs.logits[real], "logits")
+    _close(ours.loss, theirs.loss, "loss")
+    assert torch.equal(tokens, their_tokens)
+
+
+@pytest.mark.parametrize("family,layers", [("bart", 2), ("t5", 3)])
+def test_ours_saved_loads_into_peft(tmp_path, family, layers):
+    import prefix_kernels as pk
+
+    model, handle, _ = _pair(family, layers, projection=True)
+    base = build(family, **_sizes(family, layers))
+    pk.save_peft_adapter(model, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    config = loaded.peft_config["default"]
+    assert config.task_type == "SEQ_2_SEQ_LM" and config.num_transformer_submodules == 2
+    ids, mask, labels = batch(padding="right")
+    real = labels != -100
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, labels=labels).logits[real]
+        theirs = loaded(input_ids=ids, attention_mask=mask, labels=labels).logits[real]
+        again = copy.deepcopy(base)
+        pk.load_peft_adapter(again, tmp_path / "ours", backend="torch")
+        back = again(input_ids=ids, attention_mask=mask, labels=labels).logits[real]
+    _close(ours, theirs, "logits")
+    _close(back, ours, "logits after our reload")
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_paper_mode_adapter_is_not_misread_by_peft(tmp_path, family):
+    """PEFT has no layout for three sites: what save_peft_adapter writes in "paper" mode must not load into PEFT
+    (which would misread it as a decoder prefix), and must reload here exactly."""
+    import prefix_kernels as pk
+
+    base = build(family)
+    model = copy.deepcopy(base)
+    handle = apply(model, prefix_sites="paper", num_virtual_tokens=4)
+    with torch.no_grad():
+        for p in handle.prefix_encoder.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="PEFT"):
+        pk.save_peft_adapter(model, tmp_path / "paper")
+    with pytest.raises(Exception):  # noqa: B017 (PEFT's own error: a missing adapter_config.json)
+        peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "paper")
+    again = copy.deepcopy(base)
+    reloaded = pk.load_peft_adapter(again, tmp_path / "paper", backend="torch")
+    assert set(reloaded.site_prefixes()) == {"encoder", "decoder", "cross"}
+    ids, mask, labels = batch(padding="right")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                           model(input_ids=ids, attention_mask=mask, labels=labels).logits)
