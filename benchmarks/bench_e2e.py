@@ -97,12 +97,13 @@ BART_BASE = {"vocab_size": 50265, "d_model": 768, "encoder_layers": 6, "decoder_
              "encoder_attention_heads": 12, "decoder_attention_heads": 12, "encoder_ffn_dim": 3072,
              "decoder_ffn_dim": 3072, "max_position_embeddings": 1024}  # facebook/bart-base
 T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_decoder_layers": 12,
-           "num_heads": 12}  # t5-base (google-t5/t5-base)
+           "num_heads": 12, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}  # google-t5/t5-base
 TINY_SEQ2SEQ = {"bart": {"vocab_size": 1000, "d_model": 128, "encoder_layers": 2, "decoder_layers": 2,
                          "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 256,
                          "decoder_ffn_dim": 256, "max_position_embeddings": 256},
                 "t5": {"vocab_size": 1000, "d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2,
-                       "num_decoder_layers": 2, "num_heads": 4}}
+                       "num_decoder_layers": 2, "num_heads": 4, "pad_token_id": 0, "eos_token_id": 1,
+                       "decoder_start_token_id": 0}}
 CLASSES.update({"bart": ("BartConfig", "BartForConditionalGeneration", "SEQ_2_SEQ_LM"),
                 "t5": ("T5Config", "T5ForConditionalGeneration", "SEQ_2_SEQ_LM")})
 TARGETS = ("targets on a GPU: P-Tuning v2 step >= 1.3x PEFT tokens/s at <= 0.8x its memory; "
@@ -532,7 +533,10 @@ def seq2seq_generate(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
             if torch.equal(their_tokens, plain_tokens) and not torch.equal(ours_tokens, plain_tokens):
                 # PEFT 0.21.2 with transformers 5.24: the prompt goes under past_key_values, generate's own cache wins
                 baseline = "peft (its generate() dropped the prefix: the unprefixed tokens, timed as it runs)"
-            peft_row = {"path": "peft", "attention": twin.base_model.config._attn_implementation,
+            attention = twin.base_model.config._attn_implementation
+            if baseline != "peft":
+                attention += "; generate() dropped its prefix"
+            peft_row = {"path": "peft", "attention": attention,
                         **bench.timed(w, lambda: twin.generate(**batch, **options))}
             rows.append(peft_row)
             twin = None
