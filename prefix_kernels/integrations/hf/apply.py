@@ -350,8 +350,8 @@ class PrefixHandle:
             for stack in ("encoder", "decoder"):
                 expects = any(stack_of(site) == stack for site in self.layout.spans)
                 where = f"{root}.{stack}" if root else stack
-                patches.add_hook(model, where, functools.partial(self.state.begin_forward, expects=expects),
-                                 pre=True, with_kwargs=True)
+                begin = functools.partial(self.state.begin_forward, expects=expects, nested=True)
+                patches.add_hook(model, where, begin, pre=True, with_kwargs=True)
                 patches.add_hook(model, where, self.state.end_forward, pre=False, always_call=True)
         patches.set_attr(model, "", "create_masks_for_generate", _masks_from_forward)
         if hasattr(type(model), "generate") and hasattr(type(model), "_expand_inputs_for_generation"):
