@@ -86,7 +86,7 @@ def test_every_site_gets_a_gradient(family, sites):
         assert grads["decoder"][0] > 0 and grads["decoder"][1] == 0
 
 
-@pytest.mark.parametrize("family", SEQ2SEQ)
+@pytest.mark.parametrize("family", (*SEQ2SEQ, "mt5", "marian", "pegasus"))
 def test_disabled_and_removed_give_the_base_model_exactly(family):
     model = build_seq2seq(family)
     inputs = seq2seq_batch()
@@ -317,3 +317,18 @@ def test_triton_interpreter_matches_the_torch_backend(family):
     (logits_t, grad_t), (logits_k, grad_k) = results
     torch.testing.assert_close(logits_k, logits_t, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grad_k, grad_t, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_sites_on_models_with_one_kind_of_attention():
+    """Decoder-only and encoder-only models accept both modes, which mean the same there (their one site)."""
+    from .models import batch, build
+
+    ids, mask = batch()
+    results = []
+    for sites in (None, "paper", "peft"):
+        model = build("llama")
+        handle = _apply(model, prefix_sites=sites)
+        assert handle.layout is None and list(handle.site_prefixes()) == ["decoder"]
+        results.append(_logits(model, {"input_ids": ids, "attention_mask": mask}))
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert list(_apply(build("bert", "seq_cls"), prefix_sites="peft").site_prefixes()) == ["encoder"]

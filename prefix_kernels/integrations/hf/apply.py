@@ -328,11 +328,7 @@ class PrefixHandle:
                 patches.set_attr(model, name, SLOT_ATTR, DelegateSlot(previous[id(owned)] or "eager"))
 
         spec = family.positions
-        if config.shift_positions and spec is not None and spec.shared:
-            patches.add_hook(model, path[id(model.base_model.get_submodule(spec.path))],
-                             ShiftSharedPositions(self.state, spec.first_position(model.config)), pre=False,
-                             with_kwargs=True)
-        elif config.shift_positions and spec is not None:
+        if config.shift_positions and spec is not None:
             target = model.base_model.get_submodule(spec.path)
             first = spec.first_position(model.config)
             table = getattr(target, "num_embeddings", None)
@@ -341,8 +337,12 @@ class PrefixHandle:
                 raise ValueError(f"num_virtual_tokens={longest} leaves no room in "
                                  f"{type(model).__name__}'s {table} learned positions (shifted positions start at "
                                  f"{first + longest}); use fewer or shift_positions=False")
-            patches.add_hook(model, path[id(target)], ShiftPositions(spec, first, self.state), pre=True,
-                             with_kwargs=True)
+            if spec.shared:  # one [L] row for the batch: the embedding is recomputed, per row when needed
+                patches.add_hook(model, path[id(target)], ShiftSharedPositions(self.state, first), pre=False,
+                                 with_kwargs=True)
+            else:
+                patches.add_hook(model, path[id(target)], ShiftPositions(spec, first, self.state), pre=True,
+                                 with_kwargs=True)
         # where each forward begins and ends (the end runs on exceptions too)
         patches.add_hook(model, root, self.state.begin_forward, pre=True, with_kwargs=True)
         patches.add_hook(model, root, self.state.end_forward, pre=False, always_call=True)
@@ -350,8 +350,8 @@ class PrefixHandle:
             for stack in ("encoder", "decoder"):
                 expects = any(stack_of(site) == stack for site in self.layout.spans)
                 where = f"{root}.{stack}" if root else stack
-                patches.add_hook(model, where, functools.partial(self.state.begin_forward, expects=expects),
-                                 pre=True, with_kwargs=True)
+                begin = functools.partial(self.state.begin_forward, expects=expects, nested=True)
+                patches.add_hook(model, where, begin, pre=True, with_kwargs=True)
                 patches.add_hook(model, where, self.state.end_forward, pre=False, always_call=True)
         patches.set_attr(model, "", "create_masks_for_generate", _masks_from_forward)
         if hasattr(type(model), "generate") and hasattr(type(model), "_expand_inputs_for_generation"):

@@ -161,10 +161,9 @@ class SiteSlot(PrefixSlot):
         if position_bias.requires_grad:
             if position_bias.grad_fn is not None:
                 raise ValueError(
-                    f"the relative position bias reaching {type(self.bias_source or query).__name__}'s attention "
-                    f"({self.site} site) requires grad: T5's relative_attention_bias is trainable, but the prefix "
-                    "attention takes no gradient for the bias; freeze it (freeze_base_model=True, or "
-                    "requires_grad_(False) on every relative_attention_bias)")
+                    f"the relative position bias reaching a {self.site} attention requires grad (T5's "
+                    "relative_attention_bias is trainable), but the prefix attention takes no gradient for the bias: "
+                    "freeze it (freeze_base_model=True, or requires_grad_(False) on every relative_attention_bias)")
             position_bias = position_bias.detach()  # T5's zeros made to require grad under checkpointing: a leaf
         real = position_bias[..., :key_length].float()
         batch, lq = real.shape[0], query.shape[2]

@@ -308,16 +308,18 @@ class PrefixState:
                              "checkpointing (one prefix feeds every layer): call "
                              f"{checkpointing_call_text(use_reentrant=False)}, transformers' default")
 
-    def begin_forward(self, module, args, kwargs, expects: bool = True) -> None:
+    def begin_forward(self, module, args, kwargs, expects: bool = True, nested: bool = False) -> None:
         """Forward pre-hook of the base model, where a forward begins: open this thread's call; resolve the row
-        selection against this forward's batch and compute the prefix. Re-entrant: an encoder-decoder model's
-        stacks are hooked too (``generate()`` runs the encoder alone), and a stack running inside the model's
-        forward joins its call. ``expects``: the forward must reach a prefixed attention (not so for an encoder
-        without a prefix)."""
-        open_call = getattr(self._local, "call", None)
-        if open_call is not None and open_call.depth > 0:
-            open_call.depth += 1
-            return
+        selection against this forward's batch and compute the prefix. ``nested``: the hook of an encoder-decoder
+        model's stack (``generate()`` runs the encoder alone), which joins the call of the model's forward when it
+        runs inside one (only these read the thread's previous call: a compiled decoder-only forward guards on
+        nothing of it). ``expects``: the forward must reach a prefixed attention (not so for an encoder without
+        a prefix)."""
+        if nested:
+            open_call = getattr(self._local, "call", None)
+            if open_call is not None and open_call.depth > 0:
+                open_call.depth += 1
+                return
         call = Call(self.enabled)
         call.expects = expects
         if not torch.compiler.is_compiling():
