@@ -332,3 +332,20 @@ def test_prefix_sites_on_models_with_one_kind_of_attention():
         results.append(_logits(model, {"input_ids": ids, "attention_mask": mask}))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert list(_apply(build("bert", "seq_cls"), prefix_sites="peft").site_prefixes()) == ["encoder"]
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_generate_with_a_static_cache_and_without_a_cache(family):
+    """A static cache (fixed-size self- and cross-attention buffers) and no cache give the tokens of our
+    step-by-step decode too."""
+    model = build_seq2seq(family)
+    handle = _apply(model)
+    _randomize(handle)
+    inputs = seq2seq_batch()
+    source = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    expected = _stepwise_greedy(model, inputs, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        static = model.generate(**source, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, expected)
+    assert torch.equal(model.generate(**source, max_new_tokens=5, do_sample=False, use_cache=False), expected)
