@@ -74,8 +74,11 @@ def test_sites_layout_and_site_prefixes(family):
 def test_every_site_gets_a_gradient(family, sites):
     model = build_seq2seq(family)
     handle = _apply(model, prefix_sites=sites)
+    calls = []
+    handle.prefix_encoder.register_forward_hook(lambda *a: calls.append(1))
     model.train()
     out = model(**seq2seq_batch())
+    assert len(calls) == 1  # one prefix-encoder call per forward, for every site
     assert torch.isfinite(out.loss)
     out.loss.backward()
     grads = _site_grads(handle)
