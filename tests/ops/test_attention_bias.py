@@ -246,3 +246,19 @@ def test_output_only_calls(backend, device):
         base, _ = prefix_attention_ref(*args, upcast=False, **kw, **extra)
         assert_parity([compare("out", out, ref, base, 2.0, 16)])
         assert torch.equal(out[:, 2, 3][0], torch.zeros_like(out[0, 2, 3]))
+
+
+def test_bias_tiles_are_never_larger_than_the_featured_ones(monkeypatch):
+    """With attn_bias the launchers pick the featured tile or a smaller one (where the featured tile spills with
+    the bias tile live too: kernel_report's "all" rows), never a larger one."""
+    from prefix_kernels.ops.attention import triton_impl as ti
+
+    monkeypatch.setattr(ti, "is_interpreting", lambda: False)  # the GPU tables (the interpreter takes 32 x 32)
+    rows = {(k, a, bd, dt, dec, var): c for k, a, bd, dt, dec, var, c in ti.shipped_configs()}
+    smaller = 0
+    for (k, a, bd, dt, dec, var), cfg in rows.items():
+        if var == "all":
+            feat = rows[(k, a, bd, dt, dec, "scores")]
+            assert cfg.block_m * cfg.block_n <= feat.block_m * feat.block_n, (k, a, bd, dt, dec)
+            smaller += cfg.block_m * cfg.block_n < feat.block_m * feat.block_n
+    assert smaller > 0
