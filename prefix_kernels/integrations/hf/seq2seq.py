@@ -157,7 +157,13 @@ class SiteSlot(PrefixSlot):
                        prefix_len: int) -> torch.Tensor:
         """``[1 or B, Hq, Lq, P + Lk]`` fp32: the prefix columns' bias, then the model's ``position_bias`` of the
         real keys (``[1 or B, Hq, Lq, >= Lk]``). Refuses a bias a trainable parameter produced: the op takes no
-        gradient for it."""
+        gradient for it. T5 hands every layer of a stack the same ``position_bias`` tensor: the result is made once
+        per forward and site for it."""
+        call, given = self.state.current(), position_bias
+        key = ("t5-bias", self.site, id(given), key_length, prefix_len, query.shape[2])
+        cached = call.extras.get(key)
+        if cached is not None and cached[0] is given:  # held here, so its id is not reused in this call
+            return cached[1]
         if position_bias.requires_grad:
             if position_bias.grad_fn is not None:
                 raise ValueError(
@@ -171,7 +177,9 @@ class SiteSlot(PrefixSlot):
         if prefix.shape[0] != batch:
             lead = max(prefix.shape[0], batch)
             prefix, real = prefix.expand(lead, -1, -1, -1), real.expand(lead, -1, -1, -1)
-        return torch.cat([prefix, real], dim=-1)
+        bias = torch.cat([prefix, real], dim=-1)
+        call.extras[key] = (given, bias)
+        return bias
 
     def _prefix_bias(self, lq: int, lk: int, prefix_len: int, heads: int, device) -> torch.Tensor:
         source = self.bias_source
