@@ -212,6 +212,21 @@ def _shifted_positions(embed, shift: int):
     return forward
 
 
+_EXPECTED = {True: ("hidden_states", "mask", "key_value_states", "position_bias"),
+             False: ("hidden_states", "key_value_states", "attention_mask")}
+
+
+def _check_layout(module: nn.Module) -> None:
+    """The forwards here replace transformers 5.24's T5Attention / BartAttention forwards (their arguments, and
+    T5's three outputs); a module whose forward takes other arguments is refused rather than served wrongly."""
+    params = set(inspect.signature(type(module).forward).parameters)
+    expected = _EXPECTED[_is_t5(module)]
+    missing = [name for name in expected if name not in params]
+    if missing or not params & {"cache", "past_key_values"} or "layer_head_mask" in params:
+        raise NotImplementedError(f"the seq2seq reference knows transformers 5.24's attention forwards; "
+                                  f"{type(module).__name__}.forward takes {sorted(params)}")
+
+
 def _check(model: nn.Module, prefixes: dict, rule: str) -> dict[str, list[nn.Module]]:
     if rule not in T5_PREFIX_BIAS:
         raise ValueError(f"t5_prefix_bias must be one of {T5_PREFIX_BIAS}, got {rule!r}")
@@ -219,6 +234,9 @@ def _check(model: nn.Module, prefixes: dict, rule: str) -> dict[str, list[nn.Mod
     if unknown:
         raise ValueError(f"prefixes has unknown sites {sorted(unknown)}; the sites are {SITES}")
     sites = attention_sites(model)
+    for modules in sites.values():
+        for module in modules:
+            _check_layout(module)
     for site, prefix in prefixes.items():
         if prefix.dim() != 5 or prefix.shape[0] != len(sites[site]) or prefix.shape[1] != 2:
             raise ValueError(f"prefixes[{site!r}] must be [{len(sites[site])}, 2, Hkv, P, D], "
