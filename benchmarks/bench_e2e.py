@@ -8,7 +8,14 @@ Workloads (random weights from configs; nothing is downloaded):
 - (b) a Llama-3.2-1B-shaped decoder (16 layers, hidden 2048, GQA 32/8 heads of 64), batch 8, seq 512, P = 64;
 - (c) a Bloom-560m-shaped decoder (24 layers, hidden 1024, 16 heads, ALiBi), batch 8, seq 512, P = 64;
 - (d) generate() of 128 greedy new tokens after a 512-token prompt, batch 8, on (b) and (c): with our prefix,
-  without any prefix (the same model, ``handle.disabled()``), and with PEFT's prefix.
+  without any prefix (the same model, ``handle.disabled()``), and with PEFT's prefix;
+- (e) summarization on a BART-base-shaped (6 + 6 layers, d_model 768, 12 heads) and a T5-base-shaped (12 + 12
+  layers, d_model 768, 12 heads of 64, relative bias) encoder-decoder: a training step on batch 8, 512 source and
+  128 target tokens (right-padded rows, labels -100 past each row's end), P = 64, and generate() of 64 greedy
+  tokens after the 512-token source. Ours in ``prefix_sites="peft"`` mode (decoder self-attention only) against
+  PEFT's SEQ_2_SEQ_LM prefix tuning with the same weights; ours in "paper" mode (encoder, decoder and
+  cross-attention prefixes) reported alongside, row "prefix_kernels paper", with its ratios to PEFT too (it does
+  more: three prefixed attentions per decoder layer and one per encoder layer).
 
 A training step is forward, backward and AdamW on the trainable parameters (the prefix, and the head PEFT trains).
 The baseline is PEFT itself wherever PEFT's path runs with the installed transformers; where it raises (PEFT 0.21.2
@@ -85,6 +92,20 @@ TINY = {"bert": {"vocab_size": 1000, "hidden_size": 128, "num_hidden_layers": 2,
 CLASSES = {"bert": ("BertConfig", "BertForSequenceClassification", "SEQ_CLS"),
            "llama": ("LlamaConfig", "LlamaForCausalLM", "CAUSAL_LM"),
            "bloom": ("BloomConfig", "BloomForCausalLM", "CAUSAL_LM")}
+# Encoder-decoder summarization (e): configs only, as above.
+BART_BASE = {"vocab_size": 50265, "d_model": 768, "encoder_layers": 6, "decoder_layers": 6,
+             "encoder_attention_heads": 12, "decoder_attention_heads": 12, "encoder_ffn_dim": 3072,
+             "decoder_ffn_dim": 3072, "max_position_embeddings": 1024}  # facebook/bart-base
+T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_decoder_layers": 12,
+           "num_heads": 12, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}  # google-t5/t5-base
+TINY_SEQ2SEQ = {"bart": {"vocab_size": 1000, "d_model": 128, "encoder_layers": 2, "decoder_layers": 2,
+                         "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 256,
+                         "decoder_ffn_dim": 256, "max_position_embeddings": 256},
+                "t5": {"vocab_size": 1000, "d_model": 128, "d_kv": 32, "d_ff": 256, "num_layers": 2,
+                       "num_decoder_layers": 2, "num_heads": 4, "pad_token_id": 0, "eos_token_id": 1,
+                       "decoder_start_token_id": 0}}
+CLASSES.update({"bart": ("BartConfig", "BartForConditionalGeneration", "SEQ_2_SEQ_LM"),
+                "t5": ("T5Config", "T5ForConditionalGeneration", "SEQ_2_SEQ_LM")})
 TARGETS = ("targets on a GPU: P-Tuning v2 step >= 1.3x PEFT tokens/s at <= 0.8x its memory; "
            "a prefix costs <= 5% in decoding")
 
@@ -131,7 +152,7 @@ def grid(size: str) -> list[Workload]:
     for family in ("llama", "bloom"):
         work.append(Workload(f"prefix {names[family]} generate {new} P={dec_prefix}", family, "generate",
                              models[family], dec_batch, dec_len, dec_prefix, new_tokens=new))
-    return work
+    return work + seq2seq_grid(size)
 
 
 def build(w: Workload, device: torch.device, dtype: torch.dtype):
@@ -366,13 +387,172 @@ class Bench:
                   "batch": w.batch, "seq": w.seq, "prefix": w.prefix, "encoder_hidden": w.projection or "",
                   "new_tokens": w.new_tokens or "", "precision": self.precision(w)}
         try:
-            rows = self.train(w) if w.task == "train" else self.generate(w)
+            if isinstance(w, Seq2SeqWorkload):
+                rows = seq2seq_train(self, w) if w.task == "train" else seq2seq_generate(self, w)
+            else:
+                rows = self.train(w) if w.task == "train" else self.generate(w)
             rows = [{**r, "status": "ok"} for r in rows]
             self.free()  # the models of the workload are gone with its frame
         except Exception as e:  # a workload that cannot run here (say, out of memory) is a row, not a crash
             self.free()
             rows = [{"path": "prefix_kernels", "attention": "", "baseline": "", "status": f"error: {reason_of(e)}"}]
         return [with_ratios({**common, **r}, rows) for r in rows]
+
+
+# -- encoder-decoder summarization (e) ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Seq2SeqWorkload(Workload):
+    """A summarization workload: ``seq`` source tokens per row, ``target`` target tokens (training)."""
+
+    target: int = 0
+
+    def tokens(self) -> int:
+        return self.batch * (self.new_tokens if self.task == "generate" else self.seq + self.target)
+
+    def shape(self) -> dict:
+        c = self.config
+        layers = (f"{c['encoder_layers']}+{c['decoder_layers']}" if "encoder_layers" in c
+                  else f"{c['num_layers']}+{c['num_decoder_layers']}")
+        heads = c.get("num_heads", c.get("encoder_attention_heads"))
+        return {"layers": layers, "hidden": c["d_model"], "heads": heads, "kv_heads": heads}
+
+
+def seq2seq_grid(size: str) -> list[Seq2SeqWorkload]:
+    if size == "full":
+        models, names = {"bart": BART_BASE, "t5": T5_BASE}, {"bart": "BART-base", "t5": "T5-base"}
+        batch, source, target, prefix, new = 8, 512, 128, 64, 64
+    else:
+        models, names = TINY_SEQ2SEQ, {"bart": "tiny BART", "t5": "tiny T5"}
+        batch, source, target, prefix, new = 4, 64, 16, 16, 16
+    work = [Seq2SeqWorkload(f"prefix {names[f]} summarization train P={prefix}", f, "train", models[f], batch, source,
+                            prefix, target=target) for f in ("bart", "t5")]
+    work += [Seq2SeqWorkload(f"prefix {names[f]} summarization generate {new} P={prefix}", f, "generate", models[f],
+                             batch, source, prefix, new_tokens=new) for f in ("bart", "t5")]
+    return work
+
+
+def seq2seq_inputs(w: Seq2SeqWorkload, device: torch.device) -> dict:
+    """Random source ids right-padded to lengths in [L/2, L] (the first row full); labels of ``target`` tokens,
+    -100 past lengths in [T/2, T] (the first row full). Pad id 1 (BART's; T5's is 0, and ids start at 3)."""
+    g = torch.Generator().manual_seed(0)
+    pad = 0 if w.family == "t5" else 1
+    ids = torch.randint(3, w.config["vocab_size"], (w.batch, w.seq), generator=g)
+    lengths = torch.randint(w.seq // 2, w.seq + 1, (w.batch,), generator=g)
+    lengths[0] = w.seq
+    mask = (torch.arange(w.seq) < lengths[:, None]).long()
+    batch = {"input_ids": ids.masked_fill(mask == 0, pad).to(device), "attention_mask": mask.to(device)}
+    if w.target:
+        labels = torch.randint(3, w.config["vocab_size"], (w.batch, w.target), generator=g)
+        ends = torch.randint(w.target // 2, w.target + 1, (w.batch,), generator=g)
+        ends[0] = w.target
+        batch["labels"] = labels.masked_fill(torch.arange(w.target) >= ends[:, None], -100).to(device)
+    return batch
+
+
+def seq2seq_ours(bench: Bench, w: Seq2SeqWorkload, sites: str):
+    model = copy.deepcopy(bench.base(w))
+    config = pk.PrefixConfig(num_virtual_tokens=w.prefix, prefix_sites=sites, backend=bench.backend)
+    return model, pk.apply_prefix_tuning(model, config)
+
+
+def _paper_ratios(row: dict, peft_row: dict | None) -> dict:
+    """The paper-mode row's ratios to PEFT (with_ratios fills them on the "prefix_kernels" row only)."""
+    if peft_row is None:
+        return row
+    row = {**row, "speed_vs_baseline": round(row["tokens_per_s"] / peft_row["tokens_per_s"], 3)}
+    if row.get("memory_mib") and peft_row.get("memory_mib"):
+        row["memory_vs_baseline"] = round(row["memory_mib"] / peft_row["memory_mib"], 3)
+    return row
+
+
+def seq2seq_train(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
+    """Ours in "peft" mode, PEFT (the same prefix weights), ours in "paper" mode: one training step each."""
+    batch = seq2seq_inputs(w, bench.device)
+    rows = []
+    model, handle = seq2seq_ours(bench, w, "peft")
+    model.train()
+    with backends_used() as seen:
+        ours = bench.measure_train(w, model, lambda: model(**batch).loss, handle.trainable_parameters())
+    rows.append({"path": "prefix_kernels", "attention": "+".join(sorted(seen)), **ours})
+    state = {k: v.detach().clone() for k, v in handle.prefix_encoder.state_dict().items()}
+    handle.remove()
+    model = None
+    bench.free()
+    peft_row, baseline = None, "peft"
+    try:
+        twin = bench.peft(w, state).train()
+        params = [p for p in twin.parameters() if p.requires_grad]
+        peft_row = {"path": "peft", "attention": twin.base_model.config._attn_implementation,
+                    **bench.measure_train(w, twin, lambda: twin(**batch).loss, params)}
+        rows.append(peft_row)
+        twin = None
+    except Exception as e:  # PEFT's path broken with this transformers: no baseline, say why
+        baseline = f"none (peft: {reason_of(e)})"
+    bench.free()
+    model, handle = seq2seq_ours(bench, w, "paper")
+    model.train()
+    with backends_used() as seen:
+        paper = bench.measure_train(w, model, lambda: model(**batch).loss, handle.trainable_parameters())
+    rows.append(_paper_ratios({"path": "prefix_kernels paper", "attention": "+".join(sorted(seen)), **paper},
+                              peft_row))
+    handle.remove()
+    return [{**r, "baseline": baseline} for r in rows]
+
+
+def seq2seq_generate(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
+    """generate() of ``new_tokens`` greedy tokens: ours ("peft" mode), no prefix, PEFT, ours ("paper" mode)."""
+    batch = seq2seq_inputs(w, bench.device)
+    options = {"max_new_tokens": w.new_tokens, "do_sample": False}
+    expected = (w.batch, w.new_tokens + 1)  # the decoder start token, then the new tokens
+
+    def check(out):
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"generated {tuple(out.shape)}, expected {expected}")
+
+    rows, peft_row, baseline = [], None, "peft"
+    model, handle = seq2seq_ours(bench, w, "peft")
+    model.eval()
+    with torch.no_grad():
+        with backends_used() as seen:
+            check(model.generate(**batch, **options))
+        ours = bench.timed(w, lambda: model.generate(**batch, **options))
+        rows.append({"path": "prefix_kernels", "attention": "+".join(sorted(seen)), **ours})
+        with handle.disabled():
+            plain = bench.timed(w, lambda: model.generate(**batch, **options))
+            plain_tokens = model.generate(**batch, **options)
+        rows.append({"path": "no prefix", "attention": model.config._attn_implementation, **plain})
+        ours_tokens = model.generate(**batch, **options)
+        state = {k: v.detach().clone() for k, v in handle.prefix_encoder.state_dict().items()}
+        handle.remove()
+        model = None
+        bench.free()
+        try:
+            twin = bench.peft(w, state).eval()
+            their_tokens = twin.generate(**batch, **options)
+            check(their_tokens)
+            if torch.equal(their_tokens, plain_tokens) and not torch.equal(ours_tokens, plain_tokens):
+                # PEFT 0.21.2 with transformers 5.24: the prompt goes under past_key_values, generate's own cache wins
+                baseline = "peft (its generate() dropped the prefix: the unprefixed tokens, timed as it runs)"
+            attention = twin.base_model.config._attn_implementation
+            if baseline != "peft":
+                attention += "; generate() dropped its prefix"
+            peft_row = {"path": "peft", "attention": attention,
+                        **bench.timed(w, lambda: twin.generate(**batch, **options))}
+            rows.append(peft_row)
+            twin = None
+        except Exception as e:
+            baseline = f"none (peft: {reason_of(e)})"
+        bench.free()
+        model, handle = seq2seq_ours(bench, w, "paper")
+        model.eval()
+        with backends_used() as seen:
+            check(model.generate(**batch, **options))
+        paper = bench.timed(w, lambda: model.generate(**batch, **options))
+        row = _paper_ratios({"path": "prefix_kernels paper", "attention": "+".join(sorted(seen)), **paper}, peft_row)
+        row["time_vs_no_prefix"] = round(paper["median_ms"] / plain["median_ms"], 3)
+        rows.append(row)
+        handle.remove()
+    return [{**r, "baseline": baseline} for r in rows]
 
 
 FIELDS = ("path", "attention", "baseline", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "memory_mib",

@@ -5,8 +5,8 @@ The format, as PEFT (0.21) writes it for ``PrefixTuningConfig``:
 - ``adapter_config.json``: ``peft_type: "PREFIX_TUNING"``, ``task_type`` (SEQ_CLS, TOKEN_CLS, QUESTION_ANS,
   CAUSAL_LM, ...), ``num_virtual_tokens`` P, ``num_layers`` L, ``num_attention_heads`` (the model's *kv*
   heads), ``token_dim`` (kv heads x head dim), ``prefix_projection``, ``encoder_hidden_size``,
-  ``num_transformer_submodules`` (1 for decoder-only and encoder-only models), ``inference_mode``,
-  ``modules_to_save``.
+  ``num_transformer_submodules`` (1 for decoder-only and encoder-only models, 2 for encoder-decoder models, whose
+  prefix PEFT puts on the decoder's self-attention only), ``inference_mode``, ``modules_to_save``.
 - ``adapter_model.safetensors`` (or the older ``adapter_model.bin``): ``prompt_embeddings`` ``[P, 2 * L *
   token_dim]``, the prefix after the projection MLP, if any (PEFT saves the projected prefix, not the MLP), with
   per-token feature ``((l * 2 + kv) * heads + h) * head_dim + d``; and each module to save under
@@ -35,6 +35,13 @@ Saving is atomic: the adapter is written into a fresh directory beside the targe
 existing adapter is replaced only once the new one is complete, so a failed write (a full disk) leaves it as it
 was. Where the target directory holds other files too (a training checkpoint's), those stay, and the adapter's
 two files are moved in one by one (each ``os.replace`` is atomic), the weights first.
+
+Encoder-decoder models. A PEFT seq2seq adapter (``num_transformer_submodules=2``, ``SEQ_2_SEQ_LM``) loads with
+``prefix_sites="peft"``: its ``num_layers`` layers are the decoder's, and the model then computes what PEFT
+computes. A model prefix-tuned with ``prefix_sites="peft"`` saves back as such an adapter. PEFT has no layout for
+the three sites of ``prefix_sites="paper"``: :func:`save_peft_adapter` then writes this library's checkpoint
+(:func:`prefix_kernels.from_pretrained` and :func:`load_peft_adapter` reload it exactly; it holds no
+``adapter_config.json``, so PEFT refuses it rather than misreading it) and warns that PEFT cannot load it.
 
 Several adapters trained for one model load into one prefix bank (:func:`load_peft_adapters`), to be served in
 one batch; each prefix of a bank saves back out as its own adapter (``save_peft_adapter(..., prefix=name)``).
@@ -109,9 +116,9 @@ def _read_config(path: str) -> dict:
     if config.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"{path}: holds a {config.get('peft_type')!r} adapter; only PREFIX_TUNING adapters can be "
                          "loaded")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ValueError(f"{path}: trained for an encoder-decoder model (num_transformer_submodules="
-                         f"{config['num_transformer_submodules']}), which prefix_kernels does not serve")
+    if config.get("num_transformer_submodules", 1) not in (1, 2, None):
+        raise ValueError(f"{path}: has num_transformer_submodules={config['num_transformer_submodules']!r}; PEFT "
+                         "writes 1 (decoder-only and encoder-only models) or 2 (encoder-decoder models)")
     if not _is_count(config.get("num_virtual_tokens")):
         what = (f"num_virtual_tokens={config['num_virtual_tokens']!r}" if "num_virtual_tokens" in config
                 else "no num_virtual_tokens")
@@ -195,8 +202,29 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, tor
     return adapter.config, adapter.tensors
 
 
+def _seq2seq(adapter: _Adapter) -> bool:
+    return adapter.config.get("num_transformer_submodules") == 2
+
+
+def _prefix_sizes(model, seq2seq: bool, where: str) -> tuple[int, int, int, int]:
+    """The sizes of PEFT's prefix for ``model``: for an encoder-decoder model, of its decoder's self-attention."""
+    from .hf.families import family_of
+
+    family = family_of(model)
+    name = type(model).__name__
+    if bool(family.sites) != seq2seq:
+        kind = "an encoder-decoder" if seq2seq else "a decoder-only or encoder-only"
+        raise ValueError(f"{where}: trained for {kind} model (num_transformer_submodules="
+                         f"{2 if seq2seq else 1}), but {name} is {'not ' if seq2seq else ''}one")
+    if not seq2seq:
+        return _sizes(model)
+    from .hf.seq2seq import layout_and_sizes
+
+    return layout_and_sizes(model, family, "peft")[1]
+
+
 def _check_fits(model, adapter: _Adapter) -> None:
-    layers, _, kv_heads, head_dim = _sizes(model)
+    layers, _, kv_heads, head_dim = _prefix_sizes(model, _seq2seq(adapter), adapter.config_path)
     name = type(model).__name__
     expected = {"num_layers": layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
     for key, value in expected.items():
@@ -230,6 +258,13 @@ def load_peft_adapter(model, directory: str | os.PathLike, *, is_trainable: bool
             ``modules_to_save`` with missing or misshapen weights, or weights for nothing in the model; the message
             names the file and what is wrong.
     """
+    from .hf.checkpoint import PK_CONFIG_NAME
+
+    folder = os.fspath(directory)
+    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(os.path.join(folder, PK_CONFIG_NAME)):
+        from .hf.reload import from_pretrained  # what save_peft_adapter writes for prefix_sites="paper"
+
+        return from_pretrained(model, folder, is_trainable=is_trainable)
     return _load(model, {None: directory}, is_trainable=is_trainable, backend=backend)
 
 
@@ -336,8 +371,12 @@ def _load(model, adapters: dict, *, is_trainable: bool, backend: str) -> PrefixH
         for head in adapter.config.get("modules_to_save") or ():
             if head not in heads and _find_modules(model, (head,)):
                 heads.append(head)
+    kinds = {_seq2seq(adapter) for adapter in loaded.values()}
+    if len(kinds) > 1:
+        raise ValueError("these adapters mix encoder-decoder and other models' adapters; one bank serves one model")
+    sites = "peft" if kinds.pop() else None
     configs = {name: PrefixConfig(num_virtual_tokens=adapter.prefix_len, prefix_projection=False,
-                                  modules_to_save=tuple(heads), backend=backend)
+                                  modules_to_save=tuple(heads), backend=backend, prefix_sites=sites)
                for name, adapter in loaded.items()}
     bank = list(configs) != [None]
     handle = apply_prefix_tuning(model, configs if bank else configs[None])
@@ -411,6 +450,21 @@ def save_peft_adapter(model_or_handle, directory: str | os.PathLike, *, prefix: 
         OSError: the write failed (the previous adapter in ``directory``, if any, is untouched).
     """
     handle = _handle_of(model_or_handle)
+    layout = handle.layout
+    if layout is not None and set(layout.spans) != {"decoder"}:
+        if handle.is_bank and handle.num_prefixes > 1:
+            raise ValueError(f"this {type(handle.model).__name__} holds a bank of prefixes on the sites "
+                             f"{list(layout.spans)} (prefix_sites='paper'), which PEFT cannot hold: save the bank with "
+                             "handle.save_pretrained(directory) and reload it with prefix_kernels.from_pretrained")
+        warnings.warn(f"save_peft_adapter: {type(handle.model).__name__} has prefixes on the sites "
+                      f"{list(layout.spans)} (prefix_sites='paper'); PEFT puts a seq2seq prefix on the decoder's "
+                      "self-attention only and has no layout for these, so this writes prefix_kernels' checkpoint "
+                      f"into {os.fspath(directory)!r} (no adapter_config.json: PEFT cannot load it), which "
+                      "prefix_kernels.from_pretrained and load_peft_adapter reload exactly", UserWarning, stacklevel=2)
+        from .hf.checkpoint import save_trained_state
+
+        save_trained_state(handle, directory)
+        return
     if handle.is_bank and prefix is None and handle.num_prefixes > 1:
         raise ValueError(f"this model holds {handle.num_prefixes} prefixes {list(handle.prefix_names)}: name the one "
                          "to save with prefix=, or save them all with handle.save_peft_adapters(directory)")
@@ -433,7 +487,7 @@ def save_peft_adapter(model_or_handle, directory: str | os.PathLike, *, prefix: 
         warnings.warn(f"save_peft_adapter: {len(dropped)} trained parameters are in no adapter and are not saved: "
                       f"{dropped} (a bank's own copy of a head, used by rows without a prefix, trained because the "
                       "base model is not frozen; save it with the model's state_dict)", UserWarning, stacklevel=2)
-    layers, _, kv_heads, head_dim = _sizes(model)
+    layers, _, kv_heads, head_dim = _prefix_sizes(model, layout is not None, type(model).__name__)
     config = {
         "peft_type": "PREFIX_TUNING",
         "task_type": handle.task_type,
@@ -441,7 +495,7 @@ def save_peft_adapter(model_or_handle, directory: str | os.PathLike, *, prefix: 
         "num_layers": layers,
         "num_attention_heads": kv_heads,
         "token_dim": kv_heads * head_dim,
-        "num_transformer_submodules": 1,
+        "num_transformer_submodules": 1 if layout is None else 2,
         "prefix_projection": encoder.prefix_projection,
         "encoder_hidden_size": encoder.encoder_hidden_size,
         "inference_mode": True,

@@ -193,3 +193,54 @@ def is_checkpointing(model) -> bool:
     if hasattr(type(model), "is_activation_checkpointing"):
         return model.is_activation_checkpointing
     return model.is_gradient_checkpointing
+
+
+# ---------------------------------------------------------------------------------------------------- seq2seq
+SEQ2SEQ = ("t5", "bart", "mbart")
+_SEQ2SEQ_CLASS = {"t5": "T5", "mt5": "MT5", "bart": "Bart", "mbart": "MBart", "marian": "Marian",
+                  "pegasus": "Pegasus"}
+
+
+def _seq2seq_config(family: str, **overrides):
+    t = transformers
+    if family in ("t5", "mt5"):
+        # initializer_factor 5: at the default the random logits are nearly flat and a prefix moves no token
+        kind = t.T5Config if family == "t5" else t.MT5Config
+        return kind(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, dropout_rate=0.0,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=16, pad_token_id=0,
+                    eos_token_id=1, decoder_start_token_id=0, initializer_factor=5.0, **overrides)
+    kinds = {"bart": t.BartConfig, "mbart": t.MBartConfig, "marian": t.MarianConfig, "pegasus": t.PegasusConfig}
+    return kinds[family](vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                         decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=96,
+                         max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.2,
+                         forced_eos_token_id=None, **overrides)
+
+
+def build_seq2seq(family: str, head: str = "lm", seed: int = 0, **overrides):
+    """A tiny encoder-decoder model (2 + 2 layers, d_model 64, 4 heads of 16): ``head`` "lm" for
+    ``*ForConditionalGeneration``, "bare" for the bare model; eval mode; greedy runs for exactly max_new_tokens."""
+    name = _SEQ2SEQ_CLASS[family] + ("ForConditionalGeneration" if head == "lm" else "Model")
+    if family == "marian" and head == "lm":
+        name = "MarianMTModel"
+    config = _seq2seq_config(family, **overrides)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, name)(config)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.eos_token_id = None
+        generation.forced_eos_token_id = None
+        generation.forced_bos_token_id = None
+    return model.eval()
+
+
+def seq2seq_batch(batch_size: int = 3, length: int = 9, target: int = 6, seed: int = 1):
+    """``input_ids``, ``attention_mask`` (rows after the first right-padded by 2 and 4) and ``labels`` (the last
+    row's tail -100; the model shifts them right into its decoder inputs)."""
+    ids, mask = batch(batch_size, length, padding="right", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(3, VOCAB, (batch_size, target), generator=g)
+    labels[-1, target - 2:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -6,7 +6,8 @@ matching, task heads: a leaf), ``apply.py`` (apply_prefix_tuning and the handle,
 attention and mask interfaces), ``masks.py`` (the mask function), ``attention.py`` (the attention function),
 ``state.py`` (the prefix once per forward, per-thread calls and selections, per-module slots), ``generation.py``
 (the rows ``generate()`` repeats), ``positions.py`` (position shift, ALiBi slopes), ``heads.py`` (per-prefix task
-heads), ``bloom.py`` (Bloom's instance-level attention forward), ``reference.py`` (the eager PEFT-style reference
+heads), ``bloom.py`` (Bloom's instance-level attention forward), ``seq2seq.py`` (encoder-decoder sites: layout, T5's
+prefix-column bias, BART-like decoder positions), ``reference.py`` (the eager PEFT-style reference
 used by tests and the demo). Imports run one way: apply -> patches, state, heads, generation, registration ->
 attention -> masks; nothing here imports ``integrations/peft.py``.
 """

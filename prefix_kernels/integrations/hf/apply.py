@@ -46,6 +46,7 @@ from .generation import ExpandInputs, Generate
 from .heads import RoutedHead
 from .patches import Patches
 from .positions import ShiftPositions
+from .seq2seq import Layout, ShiftSharedPositions, SiteSlot, split_sites, stack_of
 from .state import DelegateSlot, PrefixSlot, PrefixState
 
 
@@ -75,6 +76,7 @@ class PrefixHandle:
             model, such as ``shift_positions``, ``backend`` and ``modules_to_save``, are the same for all).
         configs: name -> :class:`PrefixConfig` of each prefix.
         family: the :class:`~.families.Family` adapter that served it.
+        layout: for an encoder-decoder model, the :class:`~.seq2seq.Layout` of its prefixed sites (None otherwise).
         prefix_encoder: the :class:`~prefix_kernels.PrefixEncoder` (also ``model.prefix_encoder``), or for many
             prefixes the :class:`~prefix_kernels.PrefixBank` holding one per prefix.
         modules_to_save: qualified name -> the trainable copy of each task head swapped into the model; for a bank,
@@ -83,8 +85,10 @@ class PrefixHandle:
     """
 
     def __init__(self, model: nn.Module, config: PrefixConfig, family: Family, encoder: PrefixEncoder | PrefixBank,
-                 modules: list[nn.Module], configs: dict[str, PrefixConfig] | None = None):
+                 modules: list[nn.Module], configs: dict[str, PrefixConfig] | None = None,
+                 layout: Layout | None = None):
         self.model = model
+        self.layout = layout
         self.config = config
         self.configs = configs or {"default": config}
         self.family = family
@@ -177,8 +181,23 @@ class PrefixHandle:
 
     def prefix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Every layer's prefix ``[num_layers, 2, num_kv_heads, P, head_dim]`` (keys at ``[:, 0]``); for a bank
-        ``[num_layers, 2, N, num_kv_heads, Pmax, head_dim]``."""
+        ``[num_layers, 2, N, num_kv_heads, Pmax, head_dim]``. For an encoder-decoder model the layers are those of
+        every prefixed site, in the order encoder, decoder, cross ("paper": ``L_enc + 2 * L_dec`` layers; "peft":
+        the decoder's ``L_dec``): see :meth:`site_prefixes`."""
         return self.prefix_encoder(dtype=dtype)
+
+    def site_prefixes(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The prefix of each site, from one encoder call: ``{"encoder": ..., "decoder": ..., "cross": ...}`` (the
+        sites the model's ``prefix_sites`` covers), each ``[num_layers_of_that_stack, 2, num_kv_heads, P,
+        head_dim]`` (a bank: ``[..., 2, N, num_kv_heads, Pmax, head_dim]``): layer l's keys ``[l, 0]`` and values
+        ``[l, 1]`` are what that layer's attention of the site attends to before the input's. A model with one
+        kind of attention has one site, ``"decoder"`` for decoder-only models, ``"encoder"`` for encoder-only
+        ones."""
+        prefix = self.prefix(dtype)
+        if self.layout is None:
+            encoder = self.family.name in ("BERT", "RoBERTa") and not getattr(self.model.config, "is_decoder", False)
+            return {"encoder" if encoder else "decoder": prefix}
+        return split_sites(prefix, self.layout)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters that require grad: the prefix encoder's and the saved modules' (and, when the base
@@ -242,6 +261,16 @@ class PrefixHandle:
                 f"num_virtual_tokens={self.num_virtual_tokens}{bank}, {state})")
 
     # ---------------------------------------------------------------- install
+    def _slot(self, index: int, module: nn.Module, previous: str) -> PrefixSlot:
+        if self.layout is None:
+            return PrefixSlot(self.state, index, previous)
+        site = self.layout.sites[index]
+        source = None
+        if site != "cross":  # T5: the stack's first layer holds the relative bias every layer of the stack adds
+            source = next((m for m, s in zip(self.layout.modules, self.layout.sites, strict=True)
+                           if s == site and hasattr(m, "relative_attention_bias")), None)
+        return SiteSlot(self.state, self.layout.indices[index], previous, site, source, self.config.shift_positions)
+
     def _require_active(self):
         if not self.active:
             raise RuntimeError("this prefix-tuning handle was removed")
@@ -287,7 +316,7 @@ class PrefixHandle:
             if SLOT_ATTR in module.__dict__:
                 raise ValueError(f"{type(module).__name__} already holds a prefix slot")
             own = getattr(module, "config", None)
-            slot = PrefixSlot(self.state, index, (previous[id(own)] if own is not None else None) or model_previous)
+            slot = self._slot(index, module, (previous[id(own)] if own is not None else None) or model_previous)
             patches.set_attr(model, path[id(module)], SLOT_ATTR, slot)
             if family.alibi:  # made now, so that a compiled forward finds them and does not recompile
                 slot.alibi_slopes(module.num_heads, self.state.probe_device())
@@ -308,11 +337,22 @@ class PrefixHandle:
                 raise ValueError(f"num_virtual_tokens={longest} leaves no room in "
                                  f"{type(model).__name__}'s {table} learned positions (shifted positions start at "
                                  f"{first + longest}); use fewer or shift_positions=False")
-            patches.add_hook(model, path[id(target)], ShiftPositions(spec, first, self.state), pre=True,
-                             with_kwargs=True)
+            if spec.shared:  # one [L] row for the batch: the embedding is recomputed, per row when needed
+                patches.add_hook(model, path[id(target)], ShiftSharedPositions(self.state, first), pre=False,
+                                 with_kwargs=True)
+            else:
+                patches.add_hook(model, path[id(target)], ShiftPositions(spec, first, self.state), pre=True,
+                                 with_kwargs=True)
         # where each forward begins and ends (the end runs on exceptions too)
         patches.add_hook(model, root, self.state.begin_forward, pre=True, with_kwargs=True)
         patches.add_hook(model, root, self.state.end_forward, pre=False, always_call=True)
+        if self.layout is not None:  # generate() runs the encoder alone: its stacks open (or join) a forward too
+            for stack in ("encoder", "decoder"):
+                expects = any(stack_of(site) == stack for site in self.layout.spans)
+                where = f"{root}.{stack}" if root else stack
+                begin = functools.partial(self.state.begin_forward, expects=expects, nested=True)
+                patches.add_hook(model, where, begin, pre=True, with_kwargs=True)
+                patches.add_hook(model, where, self.state.end_forward, pre=False, always_call=True)
         patches.set_attr(model, "", "create_masks_for_generate", _masks_from_forward)
         if hasattr(type(model), "generate") and hasattr(type(model), "_expand_inputs_for_generation"):
             patches.set_attr(model, "", "generate", Generate(model, self.state))
@@ -320,7 +360,7 @@ class PrefixHandle:
         install_checkpointing(self)  # save_pretrained, print_trainable_parameters on the instance
 
 
-_MODEL_WIDE = ("shift_positions", "modules_to_save", "freeze_base_model", "backend")
+_MODEL_WIDE = ("shift_positions", "modules_to_save", "freeze_base_model", "backend", "prefix_sites")
 
 
 def _bank_configs(config, num_prefixes) -> dict[str, PrefixConfig] | None:
@@ -398,9 +438,17 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig | Mapping[str, Pr
     family = family_of(model)
     if getattr(model, HANDLE_ATTR, None) is not None:
         raise ValueError(f"{type(model).__name__} is already prefix-tuned: call remove() on its handle first")
-    sizes = model_sizes(model)
+    first = config if configs is None else next(iter(configs.values()))
+    layout = None
+    if family.sites:
+        from .seq2seq import layout_and_sizes
+
+        layout, sizes = layout_and_sizes(model, family, first.prefix_sites)
+        modules = layout.modules
+    else:
+        sizes = model_sizes(model)
+        modules = family.attention_modules(model, sizes[0])
     num_layers, _, kv_heads, head_dim = sizes
-    modules = family.attention_modules(model, num_layers)
     for i, module in enumerate(modules):
         own = getattr(module, "head_dim", head_dim)
         if own != head_dim:
@@ -412,7 +460,7 @@ def apply_prefix_tuning(model: nn.Module, config: PrefixConfig | Mapping[str, Pr
     else:
         encoder = PrefixBank({name: _encoder(c, sizes, device) for name, c in configs.items()})
         config = next(iter(configs.values()))
-    handle = PrefixHandle(model, config, family, encoder, modules, configs)
+    handle = PrefixHandle(model, config, family, encoder, modules, configs, layout)
     try:
         handle._install(modules)
         _initialise(handle, configs)
@@ -427,6 +475,10 @@ def _initialise(handle: PrefixHandle, configs: dict[str, PrefixConfig] | None) -
     from .init import init_prefix_from_tokens, init_prefix_zeros
 
     for name, config in (configs or {None: handle.config}).items():
+        if handle.layout is not None and config.prefix_init not in ("random", "zeros"):
+            raise ValueError(f"prefix_init from token ids is for decoder-only models (their cache holds the tokens' "
+                             f"keys and values); {type(handle.model).__name__} is an encoder-decoder model: use "
+                             '"random" or "zeros"')
         if config.prefix_init == "zeros":
             init_prefix_zeros(handle, prefix=name)
         elif config.prefix_init != "random":

@@ -127,6 +127,10 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     dense = attention_mask if isinstance(attention_mask, torch.Tensor) else None
     if isinstance(attention_mask, PrefixMask):
         dense = attention_mask.dense
+    position_bias = kwargs.pop("position_bias", None)  # T5's relative bias (an additive [1 or B, Hq, Lq, Lk])
+    if position_bias is not None and dense is not None:
+        raise NotImplementedError(f"{type(module).__name__}: a position bias with a mask pattern the kernels do not "
+                                  "take (a 4D mask given by the caller) is not served; pass the 2D padding mask")
     if dense is not None:  # a 4D mask given by the caller, or a pattern the kernels do not take
         out = dense_prefix_attention(query, key, value, prefix_k, prefix_v, dense, scale=float(scaling),
                                      dropout_p=dropout, softcap=softcap, prefix_index=prefix_index,
@@ -140,8 +144,14 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:  # no mask at all: the module's own causality, the window it passes
         key_padding_mask, window = None, sliding_window
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    extra = {}
+    if position_bias is not None:
+        if not hasattr(slot, "attention_bias"):
+            raise NotImplementedError(f"{type(module).__name__} passes a position bias, which its family's adapter "
+                                      "does not declare")
+        extra["attn_bias"] = slot.attention_bias(position_bias, query, key.shape[2], prefix_k.shape[-2])
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
                            softmax_scale=float(scaling), dropout_p=float(dropout),
                            sliding_window=window if causal else None, softcap=softcap, prefix_index=prefix_index,
-                           prefix_lengths=prefix_lengths, backend=slot.state.backend)
+                           prefix_lengths=prefix_lengths, backend=slot.state.backend, **extra)
     return out.transpose(1, 2), None

@@ -33,6 +33,13 @@ class PrefixConfig:
             values the frozen model computes for those tokens, as if they preceded the input; decoders without a
             projection, see :func:`prefix_kernels.init_prefix_from_tokens`). PEFT #3128 measured zeros and
             real-token initialisation far ahead of random on MetaMathQA.
+        prefix_sites: for encoder-decoder models (T5, BART, mBART, Marian, Pegasus), which attentions get a
+            prefix: "paper" (the default, None: the encoder's self-attention, the decoder's self-attention and the
+            decoder's cross-attention, each its own learned prefix per layer, as Li & Liang and adapter-hub
+            ``adapters``) or "peft" (the decoder's self-attention only, exactly PEFT's prefix tuning, whose
+            adapters then load both ways). Models with one kind of attention (decoder-only, encoder-only) accept
+            both values, which mean the same there: their self-attention. See
+            :mod:`prefix_kernels.integrations.hf.seq2seq` for the positions of each site.
     """
 
     num_virtual_tokens: int
@@ -45,6 +52,7 @@ class PrefixConfig:
     backend: str = "auto"
     encoder_dtype: torch.dtype | None = None
     prefix_init: str | tuple[int, ...] = "random"
+    prefix_sites: str | None = None
 
     def __post_init__(self):
         p = self.num_virtual_tokens
@@ -80,6 +88,9 @@ class PrefixConfig:
                 raise ValueError(f"prefix_init has {len(init)} token ids but num_virtual_tokens={p}: give one token "
                                  "per prefix position")
             object.__setattr__(self, "prefix_init", tuple(init))
+        if self.prefix_sites is not None and self.prefix_sites not in ("paper", "peft"):
+            raise ValueError(f'prefix_sites must be "paper", "peft" or None (the model\'s default), got '
+                             f'{self.prefix_sites!r}')
         modules = self.modules_to_save
         if modules is None:
             modules = ()

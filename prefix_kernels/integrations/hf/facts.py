@@ -19,6 +19,7 @@ _TASK_HEADS = (
     ("ForQuestionAnswering", "QUESTION_ANS", ("qa_outputs",)),
     ("ForCausalLM", "CAUSAL_LM", ()),
     ("LMHeadModel", "CAUSAL_LM", ()),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM", ()),
 )
 
 

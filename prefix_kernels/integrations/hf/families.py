@@ -17,6 +17,7 @@ from torch import nn
 
 from .bloom import bloom_attention_forward
 from .positions import PositionSpec
+from .seq2seq import Site
 
 
 class UnsupportedModelError(TypeError):
@@ -40,6 +41,9 @@ class Family:
             layer, where each forward begins and ends ("": the base model; OPT's causal LM calls its decoder
             directly, past the base model).
         features: what the family's attention uses, for the README (informative).
+        sites: for an encoder-decoder family, its "encoder", "decoder" and "cross" attentions
+            (:class:`~.seq2seq.Site`); ``layers`` and ``attention`` then name the decoder's self-attention.
+            Positions and the sites' semantics: :mod:`~.seq2seq`.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Family:
     alibi: bool = False
     features: str = ""
     root: str = ""
+    sites: tuple[Site, ...] = ()
 
     def __reduce__(self):
         # pickled and deep-copied by name (its callables need not pickle): the same adapter comes back
@@ -87,6 +92,14 @@ class Family:
 _ROPE = PositionSpec("rotary_emb", 1, "position_ids")
 _DECODER = {"layers": "layers", "attention": "self_attn", "positions": _ROPE}
 
+_BART_POSITIONS = PositionSpec("decoder.embed_positions", 2, "position_ids", shared=True)
+_BART_SITES = (Site("encoder", "encoder.layers", "self_attn"), Site("decoder", "decoder.layers", "self_attn"),
+               Site("cross", "decoder.layers", "encoder_attn"))
+_BART = {"layers": "decoder.layers", "attention": "self_attn", "positions": _BART_POSITIONS, "sites": _BART_SITES}
+_T5_SITES = (Site("encoder", "encoder.block", "layer.0.SelfAttention"),
+             Site("decoder", "decoder.block", "layer.0.SelfAttention"),
+             Site("cross", "decoder.block", "layer.1.EncDecAttention"))
+
 FAMILIES: tuple[Family, ...] = (
     Family("BERT", ("bert",), "encoder.layer", "attention.self",
            PositionSpec("embeddings.position_embeddings", 0, "input"),
@@ -106,6 +119,13 @@ FAMILIES: tuple[Family, ...] = (
            features="causal, learned positions from the mask cumsum (pads at -1)", root="decoder"),
     Family("Bloom", ("bloom",), "h", "self_attention", None, forward=bloom_attention_forward, alibi=True,
            features="causal, ALiBi (instance-level forward: Bloom's attention is not on the AttentionInterface)"),
+    Family("T5", ("t5", "mt5"), "decoder.block", "layer.0.SelfAttention", None, sites=_T5_SITES,
+           features="encoder-decoder, relative position bias (an additive bias, prefix columns included), "
+                    "scale 1"),
+    Family("BART", ("bart",), **_BART, features="encoder-decoder, learned absolute positions (offset 2)"),
+    Family("mBART", ("mbart",), **_BART, features="encoder-decoder, learned absolute positions, pre-norm"),
+    Family("Marian", ("marian",), **_BART, features="encoder-decoder, sinusoidal positions"),
+    Family("Pegasus", ("pegasus",), **_BART, features="encoder-decoder, sinusoidal positions, pre-norm"),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -121,11 +141,20 @@ def family_of(model: nn.Module) -> Family:
     name = type(model).__name__
     if model_type is None or not hasattr(model, "base_model"):
         raise TypeError(f"apply_prefix_tuning needs a transformers PreTrainedModel, got {name}")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"cannot prefix-tune {name} (model_type {model_type!r}): encoder-decoder models need prefixes for the "
-            "encoder, the decoder and cross-attention (PEFT's num_transformer_submodules=2), which is not built")
     family = _BY_TYPE.get(model_type)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder and (family is None or not family.sites):
+        served = sorted(t for f in FAMILIES if f.sites for t in f.model_types)
+        raise UnsupportedModelError(
+            f"cannot prefix-tune {name} (model_type {model_type!r}): an encoder-decoder model needs a seq2seq family "
+            "adapter declaring where its encoder self-attention, decoder self-attention and cross-attention modules "
+            f"are and how its positions work; none is declared for {model_type!r}. Encoder-decoder types served: "
+            f"{', '.join(served)}")
+    if family is not None and family.sites and not encoder_decoder:
+        raise UnsupportedModelError(
+            f"cannot prefix-tune {name} (model_type {model_type!r}, is_encoder_decoder=False): the {family.name} "
+            "adapter serves the encoder-decoder classes (*ForConditionalGeneration and the bare model), not a "
+            "stack alone")
     if family is None:
         raise UnsupportedModelError(
             f"cannot prefix-tune {name} (model_type {model_type!r}): no family adapter declares where its attention "

@@ -18,12 +18,15 @@ import torch
 @dataclass(frozen=True)
 class PositionSpec:
     """Where a family's position ids enter: the module at ``path`` (relative to the base model) receives them
-    as positional argument ``index`` or keyword ``keyword``. ``first(config)`` is the first real position."""
+    as positional argument ``index`` or keyword ``keyword``. ``first(config)`` is the first real position.
+    ``shared``: the keyword holds one ``[L]`` row for the whole batch and the embedding broadcasts it
+    (:class:`~.seq2seq.ShiftSharedPositions` shifts it, per row when needed)."""
 
     path: str
     index: int
     keyword: str
     first: object = None  # callable(config) -> int; None means 0
+    shared: bool = False  # the keyword holds one [L] row for the whole batch (BART-like decoders), see seq2seq.py
 
     def first_position(self, config) -> int:
         return 0 if self.first is None else int(self.first(config))

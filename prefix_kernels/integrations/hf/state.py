@@ -70,6 +70,9 @@ class Call:
         self.fetches = 0
         self.overlapped = False  # another thread's forward of the model ran during this one
         self.memo = None  # the memo_scope open while this forward runs
+        self.expects = True  # the forward must reach a prefixed attention
+        self.depth = 1  # forwards of hooked modules open in it (a seq2seq model's stacks run inside its forward)
+        self.extras: dict = {}  # what a site computes once per forward (T5's prefix-column bias)
 
 
 _PER_PROCESS = ("_local", "_lock", "_active", "_last_call")
@@ -305,10 +308,20 @@ class PrefixState:
                              "checkpointing (one prefix feeds every layer): call "
                              f"{checkpointing_call_text(use_reentrant=False)}, transformers' default")
 
-    def begin_forward(self, module, args, kwargs) -> None:
+    def begin_forward(self, module, args, kwargs, expects: bool = True, nested: bool = False) -> None:
         """Forward pre-hook of the base model, where a forward begins: open this thread's call; resolve the row
-        selection against this forward's batch and compute the prefix."""
+        selection against this forward's batch and compute the prefix. ``nested``: the hook of an encoder-decoder
+        model's stack (``generate()`` runs the encoder alone), which joins the call of the model's forward when it
+        runs inside one (only these read the thread's previous call: a compiled decoder-only forward guards on
+        nothing of it). ``expects``: the forward must reach a prefixed attention (not so for an encoder without
+        a prefix)."""
+        if nested:
+            open_call = getattr(self._local, "call", None)
+            if open_call is not None and open_call.depth > 0:
+                open_call.depth += 1
+                return
         call = Call(self.enabled)
+        call.expects = expects
         if not torch.compiler.is_compiling():
             with self._lock:
                 if self._active:
@@ -333,7 +346,10 @@ class PrefixState:
         """Forward hook of the base model (``always_call``: on exceptions too, with ``output`` None), where a
         forward ends: close this thread's call, and check that the prefix reached the attention."""
         call = getattr(self._local, "call", None)
-        if call is None:
+        if call is None or call.depth <= 0:
+            return
+        call.depth -= 1
+        if call.depth > 0:
             return
         if call.memo is not None:
             call.memo.__exit__(None, None, None)
@@ -341,7 +357,7 @@ class PrefixState:
         if not torch.compiler.is_compiling():
             with self._lock:
                 self._active.discard(call)
-        if output is not None and call.enabled and call.fetches == 0:
+        if output is not None and call.enabled and call.fetches == 0 and call.expects:
             raise RuntimeError(
                 f"prefix tuning reached no attention layer of {self.model_name} in this forward: its attention did "
                 f"not call the attention function {IMPLEMENTATION!r} (was the model's attention implementation changed "
@@ -416,8 +432,10 @@ class DelegateSlot:
 
 
 def _batch_size(args, kwargs) -> int | None:
-    """The batch size of a base model's forward: from input_ids (its first argument) or inputs_embeds."""
-    for value in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+    """The batch size of a base model's forward: from input_ids (its first argument) or inputs_embeds (or an
+    encoder-decoder model's decoder inputs, when ``generate()`` passes the encoder's outputs)."""
+    for value in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs_embeds"),
+                  kwargs.get("decoder_input_ids"), kwargs.get("decoder_inputs_embeds")):
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return value.shape[0]
     return None

@@ -11,6 +11,8 @@ Optional features are constexpr flags of these kernels, not copies of them:
   forward's mask without storing it.
 - sliding window W (causal): input key j visible to query i iff j > i + (Lk - Lq) - W.
 - softcap c: logit = c * tanh(scale * q.k / c), with its derivative in the backward.
+- attn_bias: logit += bias[b, h, i, column] (after softcap and ALiBi), column of [prefix ; input]; read per
+  (query tile, key tile) where visible, through strides that are 0 on the broadcast dims; no gradient.
 
 The head dim D is a compile-time constant (one specialisation per head dim in use, as in
 flash-attention): its masks then fold away when D is a power of two.
@@ -84,6 +86,14 @@ def _logits(x, pos, slope2, sm_scale, qk_scale, softcap,
     if HAS_ALIBI:
         s = s + slope2 * pos
     return s, t
+
+
+@triton.jit
+def _load_bias(bias_bh, rows2, cols2, ok, Lq, stride_m, stride_n):
+    """attn_bias at (rows2, cols2) (broadcastable row / global column indices) of one (batch, head), in base 2;
+    0 where not ``ok`` or past Lq (never read there, so masked keys stay masked whatever it holds)."""
+    ptrs = bias_bh + rows2 * stride_m + cols2 * stride_n
+    return tl.load(ptrs, mask=ok & (rows2 < Lq), other=0.0).to(tl.float32) * LOG2E
 
 
 @triton.jit
@@ -162,9 +172,9 @@ def _row_prefix(PIDX, PLEN, b, P, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.const
 
 @triton.jit
 def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
-              slope2, sm_scale, qk_scale, softcap,
+              slope2, sm_scale, qk_scale, softcap, bias_bh, Lq, stride_bias_m, stride_bias_n,
               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+              USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One online-softmax update of (row max, row sum, accumulator) with a key tile.
 
     The row sum takes every probability; the accumulator only the kept ones (dropout rescaling by
@@ -172,6 +182,8 @@ def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_c
     """
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     s, _ = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
+    if HAS_BIAS:  # attn_bias
+        s = s + _load_bias(bias_bh, rows[:, None], cols_g[None, :], ok, Lq, stride_bias_m, stride_bias_n)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows that have seen no visible key yet keep a zero shift, so exp2 never meets (-inf) - (-inf).
@@ -188,7 +200,7 @@ def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_c
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, O, LSE,
+    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, BIAS, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -197,9 +209,11 @@ def _attn_fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -224,6 +238,7 @@ def _attn_fwd_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    bias_bh = BIAS + b64 * stride_bias_b + h64 * stride_bias_h  # attn_bias
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -239,7 +254,8 @@ def _attn_fwd_kernel(
         v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, p_row, D, UPCAST)
         m_i, l_i, acc = _fwd_tile(q, k, v, cols[None, :] < p_row, cols.to(tl.float32), cols, m_i, l_i, acc, rows,
                                   row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
-                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+                                  bias_bh, Lq, stride_bias_m, stride_bias_n,
+                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
 
     lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
                               BLOCK_M, BLOCK_N)
@@ -257,7 +273,8 @@ def _attn_fwd_kernel(
         ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         m_i, l_i, acc = _fwd_tile(q, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, m_i, l_i, acc, rows,
                                   row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
-                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+                                  bias_bh, Lq, stride_bias_m, stride_bias_n,
+                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
 
     # A row that saw no key (P = 0, every key masked) has l_i = 0: output zeros and LSE = -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -303,10 +320,11 @@ def _dkdv_accumulate(
     q_bh, do_bh, lse_bh, delta_bh, kept, row_base, seed, slope2,
     stride_qm, stride_qd, stride_dom, stride_dod,
     m_lo, m_hi, Lq, Lk, D: tl.constexpr, sm_scale, qk_scale, window, softcap, dropout_p,
+    bias_bh, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Add one (batch row, query head)'s contribution over query rows [m_lo, m_hi) to a key tile's dK, dV.
 
@@ -322,12 +340,16 @@ def _dkdv_accumulate(
         qT = _load_rows_t(q_bh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
         do = _load_rows(do_bh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
         lse2 = tl.load(lse_bh + rows, mask=rows < Lq, other=0.0) * LOG2E
+        if HAS_BIAS:  # attn_bias: a row it hid entirely (lse -inf) gets p = 0, not exp2(-inf + inf)
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(delta_bh + rows, mask=rows < Lq, other=0.0)
         xT = tl.dot(k, qT, input_precision=PRECISION)
         sT, tT = _logits(xT, pos[:, None], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI,
                          USE_LIBDEVICE)
         ok = _visible(rows[None, :], cols[:, None], kept[:, None], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         ok = ok & (rows[None, :] < Lq)
+        if HAS_BIAS:  # attn_bias
+            sT = sT + _load_bias(bias_bh, rows[None, :], cols_g[:, None], ok, Lq, stride_bias_m, stride_bias_n)
         pT = tl.where(ok, tl.math.exp2(sT - lse2[None, :]), 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
@@ -346,7 +368,7 @@ def _dkdv_accumulate(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, BIAS, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -355,9 +377,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -411,8 +435,9 @@ def _attn_bwd_dkdv_kernel(
             LSE + bh * Lq, DELTA + bh * Lq, kept, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod,
             m_lo, m_hi, Lq, Lk, D, sm_scale, qk_scale, window, softcap, dropout_p,
+            BIAS + b64 * stride_bias_b + h64 * stride_bias_h, stride_bias_m, stride_bias_n,  # attn_bias
             IS_CAUSAL, HAS_ALIBI, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP,
-            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
+            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION, HAS_BIAS,
         )
     dk = dk * sm_scale
     tile_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
@@ -424,14 +449,15 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_prefix_dkdv_kernel(
-    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, PLEN, ROWS, ITEM_PREFIX, ITEM_LO, ITEM_HI, DPK_PART, DPV_PART,
+    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, PLEN, BIAS, ROWS, ITEM_PREFIX, ITEM_LO, ITEM_HI, DPK_PART, DPV_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, UNITS, UNITS_PER_SPLIT, sm_scale, qk_scale, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -486,8 +512,9 @@ def _attn_bwd_prefix_dkdv_kernel(
             LSE + bh * Lq, DELTA + bh * Lq, cols < p_n, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod,
             0, Lq, Lq, Lk, D, sm_scale, qk_scale, 0, softcap, dropout_p,
+            BIAS + b64 * stride_bias_b + h64 * stride_bias_h, stride_bias_m, stride_bias_n,  # attn_bias
             False, HAS_ALIBI, HAS_DROPOUT, False, HAS_SOFTCAP,
-            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
+            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION, HAS_BIAS,
         )
     dk = dk * sm_scale
     part = (item.to(tl.int64) * Hkv + g64) * P * D
@@ -514,11 +541,13 @@ def _sum_segments_kernel(PART, SEG_OFF, OUT, n_elems, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2,
-             sm_scale, qk_scale, softcap, dropout_p,
+             sm_scale, qk_scale, softcap, dropout_p, bias_bh, Lq, stride_bias_m, stride_bias_n,
              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-             USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+             USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     s, t = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
+    if HAS_BIAS:  # attn_bias
+        s = s + _load_bias(bias_bh, rows[:, None], cols_g[None, :], ok, Lq, stride_bias_m, stride_bias_n)
     p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
@@ -532,7 +561,7 @@ def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, BIAS, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -542,9 +571,11 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -568,10 +599,13 @@ def _attn_bwd_dq_kernel(
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    bias_bh = BIAS + b64 * stride_bias_b + h64 * stride_bias_h  # attn_bias
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
     do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
     lse2 = tl.load(LSE + row_base + rows, mask=rows < Lq, other=0.0) * LOG2E
+    if HAS_BIAS:  # attn_bias: a row it hid entirely (lse -inf) gets p = 0, not exp2(-inf + inf)
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + row_base + rows, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -585,7 +619,8 @@ def _attn_bwd_dq_kernel(
         dq = _dq_tile(dq, q, do, k, v, cols[None, :] < p_row, cols.to(tl.float32), cols, rows, row_base, seed,
                       n_cols,
                       lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
-                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+                      bias_bh, Lq, stride_bias_m, stride_bias_n,
+                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
 
     lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
                               BLOCK_M, BLOCK_N)
@@ -603,7 +638,8 @@ def _attn_bwd_dq_kernel(
         ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         dq = _dq_tile(dq, q, do, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, rows, row_base, seed,
                       n_cols, lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
-                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+                      bias_bh, Lq, stride_bias_m, stride_bias_n,
+                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
 
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
