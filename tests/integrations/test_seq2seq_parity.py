@@ -70,6 +70,8 @@ def test_reference_decoder_site_is_the_cache_held_prefix(family):
     tokens before the input. T5's other rule ("none") differs, so the comparison can fail."""
     from transformers import DynamicCache, EncoderDecoderCache
 
+    from prefix_kernels.integrations.hf.reference import cache_keyword  # "cache" from 5.24, "past_key_values" before
+
     ref = eager_copy(build(family)).double()
     inputs = _inputs(ref, "right")
     P, B = 5, inputs["input_ids"].shape[0]
@@ -82,7 +84,7 @@ def test_reference_decoder_site_is_the_cache_held_prefix(family):
     keep = dmask.bool()
     with torch.no_grad():
         cached = ref(**{**inputs, "decoder_attention_mask": torch.cat([torch.ones(B, P, dtype=dmask.dtype), dmask], 1)},
-                     cache=EncoderDecoderCache(own, DynamicCache()), use_cache=True).logits
+                     **{cache_keyword(ref): EncoderDecoderCache(own, DynamicCache())}, use_cache=True).logits
         mine = reference_forward(ref, {"decoder": prefix}, **inputs).logits
         unshifted = reference_forward(ref, {"decoder": prefix}, t5_prefix_bias="none", **inputs).logits
         with injected(ref, {"decoder": prefix}, shift_decoder_positions=False):
