@@ -93,8 +93,9 @@ def _below_autograd() -> bool:
 
 def needs_grad(*tensors) -> bool:
     """Whether a backward may follow this forward: an input requires grad and grad mode is on, or the call came
-    through the custom op (which runs its forward below autograd, with grad mode off). A plain no_grad call
-    (eager inference, the decode loop) is never one, whatever the prefix's requires_grad."""
+    through the custom op (which runs its forward below autograd, with grad mode off, whether or not the caller
+    differentiates: such calls count as differentiated). A plain eager no_grad call (the decode loop) is never
+    one, whatever the prefix's requires_grad; tensor subclasses (nn.Parameter itself) take the custom op."""
     if not any(t is not None and t.requires_grad for t in tensors):
         return False
     return torch.is_grad_enabled() or _below_autograd()
@@ -133,7 +134,7 @@ def try_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, ne
 # needed. Each entry compiles without spills with Triton 3.6 and 3.8 (python -m prefix_kernels.kernel_report
 # --only decode_), plain and with every served feature on.
 _HALF = {16: {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
-         64: {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 8, 1)}}
+         64: {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 1)}}
 _FP32 = {16: {64: (32, 4, 1), 128: (32, 4, 1)},
          64: {64: (16, 4, 1), 128: (16, 8, 1)}}
 TILES = {(2, 90): _HALF, (2, 80): _HALF, (4, 90): _FP32, (4, 80): _FP32}
