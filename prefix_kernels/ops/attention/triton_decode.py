@@ -133,11 +133,14 @@ def try_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, ne
 # is 16 when a (batch row, kv head) has at most 16 query rows (GROUP * Lq), else 64, in as many row blocks as
 # needed. Each entry compiles without spills with Triton 3.6 and 3.8 (python -m prefix_kernels.kernel_report
 # --only decode_), plain and with every served feature on.
-_HALF = {16: {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
-         64: {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 1)}}
-_FP32 = {16: {64: (32, 4, 1), 128: (32, 4, 1)},
-         64: {64: (16, 4, 1), 128: (16, 8, 1)}}
-TILES = {(2, 90): _HALF, (2, 80): _HALF, (4, 90): _FP32, (4, 80): _FP32}
+_HALF_64 = {64: (64, 4, 2), 128: (64, 8, 2), 256: (32, 8, 1)}
+_FP32_64 = {32: (16, 4, 1), 64: (16, 8, 1), 128: (16, 8, 1)}
+TILES = {
+    (2, 90): {16: {64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 4, 2)}, 64: _HALF_64},
+    (2, 80): {16: {64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 8, 2)}, 64: _HALF_64},
+    (4, 90): {16: {16: (32, 4, 1), 32: (32, 4, 2), 128: (32, 4, 1)}, 64: _FP32_64},
+    (4, 80): {16: {128: (32, 4, 1)}, 64: _FP32_64},
+}
 BLOCK_MS = (16, 64)
 MERGE_ROWS = 16  # query rows per program of the merge kernel
 MERGE_WARPS = 4
