@@ -446,9 +446,9 @@ def _decode_merge_kernel(
     l_sum = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for s in range(0, SPLITS):
-        part = s * N_ROWS.to(tl.int64)
-        lse_s = tl.load(LSE_PART + part + rows64, mask=row_ok, other=float("-inf"))
-        o_s = tl.load(O_PART + (part + rows64)[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
+        idx = (rows64 * 0 + s) * N_ROWS + rows64  # int64 even where N_ROWS is specialised to a constant
+        lse_s = tl.load(LSE_PART + idx, mask=row_ok, other=float("-inf"))
+        o_s = tl.load(O_PART + idx[:, None] * D + offs_d[None, :], mask=tile_ok, other=0.0)
         m_new = tl.maximum(m, lse_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
