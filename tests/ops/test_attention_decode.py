@@ -259,3 +259,25 @@ def test_unserved_features_are_declined_with_reasons(device):
     assert any("Lq=17" in r for r in triton.decode_reasons(spec))
     assert triton_decode.reasons(2, ("dropout", "some_future_feature"), False)[0].startswith(
         "optional features ['dropout', 'some_future_feature']")
+
+
+def test_tuner_times_the_tiled_forward(device):
+    """gpu-check's tuner measures the tiled forward's Lq <= 16 tile ("fwd_decode"), not the decode kernel."""
+    from prefix_kernels.gpucheck import tune
+
+    run = tune._timer("fwd_decode", tune.shapes("fwd_decode", True)[0], 32, torch.float32, device)
+    before = dict(triton_decode.counts)
+    run()
+    assert triton_decode.counts["tiled"] == before.get("tiled", 0) + 1
+    assert triton_decode.counts["decode"] == before.get("decode", 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("batch,len_k", ((2, 4097), (16, 1000), (64, 300)))
+def test_gpu_decode_shapes(batch, len_k, dtype, device):
+    """Decode shapes on a GPU, with the split plan of its SM count (several splits for the small batch, none for
+    the big one): Llama-like GQA 32/8, D 128, P 64, left padding, bf16/fp16 tensor-core dots."""
+    inputs = make_inputs(batch=batch, heads_q=32, heads_kv=8, len_q=1, len_k=len_k, prefix_len=64, head_dim=128,
+                         dtype=dtype, device=device, padding="left")
+    _check(inputs, None, causal=True)
