@@ -12,6 +12,13 @@ peak memory of each (CUDA). Rows are appended to ``results/attention_<device>.cs
     python benchmarks/bench_attention.py --quick    # small shapes; the CPU smoke run (< 1 minute)
     python benchmarks/bench_attention.py --grid goals --only prefix_kernels "sdpa[flash]" --deadline-s 120
     python benchmarks/bench_attention.py --shapes L=512,2048 D=64 causal=1
+    python benchmarks/bench_attention.py --decode   # decode steps (Lq = 1) over long caches, forward only
+
+``--decode`` times one decode step (Lq = 1, no_grad) over a cache of L keys with a P-key prefix (B 8 and 64,
+Hq 32, Hkv 8, D 128, L 1k-32k, P 16 and 128 on a GPU): the Triton decode kernel (packed GQA, split-KV),
+the tiled Triton forward it replaces, SDPA over a cache that already holds the prefix (PEFT's way: nothing
+concatenated per step) and concatenation + SDPA. Its rows (mode "decode", GB/s of K/V read) go to
+``results/attention_decode_<device>.csv`` and one plot of GB/s against L.
 
 Rows are appended as they are measured, so a run cut by a time limit keeps what it measured. A provider whose
 score tensors would not fit in memory (the torch backend at L = 8192) is skipped with the reason in its rows; a
@@ -122,6 +129,127 @@ class _Skip(Exception):
     pass
 
 
+def decode_grid(quick: bool, device: torch.device) -> list[Shape]:
+    """Decode steps: ``seq`` is the cache length Lk (the query is one token), causal (bottom-right: it sees all)."""
+    if quick or device.type != "cuda":
+        return [Shape(2, 8, 2, L, 16, 64, True) for L in (64, 256)]
+    return [Shape(B, 32, 8, L, P, 128, True) for B in (8, 64) for P in (16, 128) for L in (1024, 4096, 16384, 32768)]
+
+
+def decode_providers(device: torch.device) -> dict:
+    """name -> fn(q, k, v, pk, pv, kv_with_prefix) running one decode step. The Triton ones run on a GPU, or on the
+    CPU under TRITON_INTERPRET (the dry run)."""
+    import torch.nn.functional as F
+
+    from prefix_kernels.ops.attention import prefix_attention
+    from prefix_kernels.ops.triton_utils import is_interpreting
+
+    def ours(backend):
+        return lambda q, k, v, pk, pv, cat: prefix_attention(q, k, v, pk, pv, causal=True, backend=backend)
+
+    def tiled(q, k, v, pk, pv, cat):
+        from prefix_kernels.ops.attention import triton_decode
+
+        with triton_decode.disabled():
+            return prefix_attention(q, k, v, pk, pv, causal=True, backend="triton")
+
+    def cached(q, k, v, pk, pv, cat):  # the cache holds [prefix ; keys] already
+        return F.scaled_dot_product_attention(q, cat[0], cat[1], enable_gqa=True)
+
+    def concat(q, k, v, pk, pv, cat):
+        B = k.shape[0]
+        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
+        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        return F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+
+    found = {}
+    if device.type == "cuda" or is_interpreting():
+        found["prefix_kernels[triton-decode]"] = ours("triton")
+        found["prefix_kernels[triton-tiled]"] = tiled
+    if device.type == "cpu":
+        found["prefix_kernels[torch]"] = ours("torch")
+    found["sdpa[cache with prefix]"] = cached
+    found["concat+sdpa"] = concat
+    return found
+
+
+def _decode_row(name: str, fn, shape: Shape, device, dtype, meta: dict, reps: int) -> dict:
+    """One provider's row at one decode shape (its tensors made for it and freed after)."""
+    from prefix_kernels.ops.attention import triton_decode
+
+    B, H, Hkv, L, P, D = shape.batch, shape.heads_q, shape.heads_kv, shape.seq, shape.prefix, shape.head_dim
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*size):
+        return torch.randn(*size, generator=g).to(device=device, dtype=dtype)
+
+    q = rnd(B, 1, H, D).transpose(1, 2)  # HF's layout; the cache is [B, Hkv, L, D]
+    k, v, pk, pv = rnd(B, Hkv, L, D), rnd(B, Hkv, L, D), rnd(Hkv, P, D), rnd(Hkv, P, D)
+    cat = tuple(torch.cat([p.unsqueeze(0).expand(B, -1, -1, -1), x], dim=2) for p, x in ((pk, k), (pv, v)))
+    kv_bytes = 2 * B * Hkv * (L + P) * D * q.element_size()
+    flops = 4.0 * B * H * (L + P) * D
+    base = {**meta, "provider": name, "dtype": str(dtype).replace("torch.", ""), "mode": "decode",
+            **{f: getattr(shape, f) for f in shape.__dataclass_fields__}}
+    try:
+        with torch.no_grad():
+            before = triton_decode.counts["decode"]
+            fn(q, k, v, pk, pv, cat)
+            if name.endswith("[triton-decode]") and triton_decode.counts["decode"] == before:
+                raise RuntimeError(f"the decode kernel declined: {triton_decode.last_reasons}")
+            plan = triton_decode.last_plan if name.endswith("[triton-decode]") else ()
+            t = measure(lambda: fn(q, k, v, pk, pv, cat), device, warmup=2, reps=reps)
+    except (RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        return {**base, "median_ms": "", "p20_ms": "", "p80_ms": "", "tflops": "", "gbps": "", "peak_mib": "",
+                "splits": "", "status": f"unsupported: {reason}"}
+    return {**base, "median_ms": round(t.median_ms, 4), "p20_ms": round(t.p20_ms, 4), "p80_ms": round(t.p80_ms, 4),
+            "tflops": float(f"{flops / t.median_ms / 1e9:.4g}"), "gbps": float(f"{kv_bytes / t.median_ms / 1e6:.4g}"),
+            "peak_mib": "" if t.peak_mib is None else round(t.peak_mib, 1),
+            "splits": sum(plan[:2]) if plan else "", "status": "ok"}
+
+
+def run_decode(args, device, dtype, meta, filters) -> int:
+    """The decode rows: one forward step per provider and shape, no_grad."""
+    providers = decode_providers(device)
+    if args.providers:
+        providers = {n: f for n, f in providers.items() if any(s in n for s in args.providers)}
+    shapes = [s for s in decode_grid(args.quick, device)
+              if matches(filters, {f: getattr(s, f) for f in s.__dataclass_fields__})]
+    reps = 3 if device.type == "cpu" else 30
+    stem = os.path.join(args.out, f"attention_decode_{slug(meta['device'])}")
+    sink = RowSink(stem, meta)
+    progress = Progress(len(shapes) * len(providers), "bench_attention --decode")
+    deadline = Deadline(args.deadline_s)
+    for shape in shapes:
+        if deadline.passed():
+            break
+        for name, fn in providers.items():
+            progress.step(f"{name} B={shape.batch} L={shape.seq} P={shape.prefix}")
+            sink.add([_decode_row(name, fn, shape, device, dtype, meta, reps)])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = sink.rows
+    print(f"wrote {len(rows)} rows to {stem}.csv (appended as measured) and {stem}.json (this run)")
+    if not args.no_plot and rows:
+        panels: dict = {}
+        for r in rows:
+            if r["status"] == "ok":
+                title = f"B={r['batch']} Hq={r['heads_q']} Hkv={r['heads_kv']} P={r['prefix']} D={r['head_dim']}"
+                panels.setdefault(title, {}).setdefault(r["provider"], []).append((r["seq"], r["gbps"]))
+        line_plot(f"{stem}.png", panels, "L (cached keys)", "GB/s of K/V read",
+                  f"decode step (Lq = 1), {meta['device']}, {rows[0]['dtype']}, commit {meta['commit']}")
+        print(f"wrote {stem}.png")
+    print(f"{'B':>4} {'L':>6} {'P':>4}  provider: ms (GB/s)")
+    by_shape: dict = {}
+    for r in rows:
+        if r["status"] == "ok":
+            by_shape.setdefault((r["batch"], r["seq"], r["prefix"]), []).append(r)
+    for (B, L, P), group in sorted(by_shape.items()):
+        print(f"{B:>4} {L:>6} {P:>4}  " + "; ".join(f"{r['provider']}: {r['median_ms']:.4f} ({r['gbps']:.0f})"
+                                                   for r in group))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the CPU smoke run)")
@@ -134,6 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--deadline-s", type=float, help=DEADLINE_HELP)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--decode", action="store_true", help="decode steps (Lq = 1, forward) instead of training")
     args = parser.parse_args(argv)
 
     deadline = Deadline(args.deadline_s)
@@ -144,6 +273,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     meta = {**run_metadata(device), "cpu_threads": set_cpu_threads(device, args.threads, True)}
+    if args.decode:
+        return run_decode(args, device, dtype, meta, filters)
     providers = available_providers(device)
     if args.providers:
         providers = {n: f for n, f in providers.items() if any(s in n for s in args.providers)}

@@ -1,17 +1,18 @@
 """Static report of the shipped Triton and CUDA kernels, with no GPU needed.
 
-Every tile configuration the launchers can pick (``shipped_configs`` of ``ops.attention.triton_impl``
-and of ``ops.reparam.triton_impl``) is compiled ahead of time for sm80 and sm90 with the signature a
-real launch would have (16-byte aligned pointers and strides, unit strides where the tensors are
-contiguous). Attention tiles are built in three flag sets: the plain path (causal with padding), every
-optional feature on but attn_bias ("scores": ALiBi, dropout, window, softcap), and every one ("all", with
-attn_bias: the most state live), each with the tiles the launcher picks for it; the reparameterization
-kernels in each launch role with its own flags and pointer dtypes. For each we report shared memory
-against the architecture's limit, registers and stack (spill) bytes of the cubin Triton really built
-(read with its bundled cuobjdump, so the ptxas options Triton uses are the ones measured), and whether
+Every tile configuration the launchers can pick (``shipped_configs`` of ``ops.attention.triton_impl``,
+``ops.attention.triton_decode`` and ``ops.reparam.triton_impl``) is compiled ahead of time for sm80 and sm90
+with the signature a real launch would have (16-byte aligned pointers and strides, unit strides where the
+tensors are contiguous). Attention tiles are built in three flag sets: the plain path (causal with padding),
+every optional feature on but attn_bias ("scores": ALiBi, dropout, window, softcap), and every one ("all",
+with attn_bias: the most state live), each with the tiles the launcher picks for it (the decode kernel: its
+plain rows with the one-split epilogue, its "all" rows with the split epilogue, every feature it serves on);
+the reparameterization kernels in each launch role with its own flags and pointer dtypes. For each we report
+shared memory against the architecture's limit, registers and stack (spill) bytes of the cubin Triton really
+built (read with its bundled cuobjdump, so the ptxas options Triton uses are the ones measured), and whether
 the PTX uses tensor cores (``mma.sync`` / ``wgmma``).
 
-    python -m prefix_kernels.kernel_report [--arch 80 90] [--only reparam_] [--json out.json] [--jobs N]
+    python -m prefix_kernels.kernel_report [--arch 80 90] [--only reparam_|decode_] [--json out.json] [--jobs N]
 
 Must run without TRITON_INTERPRET (the interpreter cannot compile); the tests call it in a subprocess.
 
@@ -52,11 +53,13 @@ KERNEL_FUNCTIONS = {
 }
 # Reparameterization rows are named "reparam_" + the launch role of ops.reparam.triton_impl.
 REPARAM = "reparam_"
+# The decode kernel's rows (ops.attention.triton_decode.KERNEL_FUNCTIONS: "decode_fwd", "decode_merge").
+DECODE = "decode_"
 # Kernels without a matrix product (no tensor cores expected).
-NO_DOT = {"bwd_preprocess", REPARAM + "bwd_dz", "bwd_sum_segments", "dropout_mask"}
+NO_DOT = {"bwd_preprocess", REPARAM + "bwd_dz", "bwd_sum_segments", "dropout_mask", DECODE + "merge"}
 POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32", "DELTA": "*fp32",
                  "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ROWS": "*i32", "ITEM_PREFIX": "*i32",
-                 "ITEM_LO": "*i32", "ITEM_HI": "*i32"} | FEATURE_POINTER_TYPES
+                 "ITEM_LO": "*i32", "ITEM_HI": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"} | FEATURE_POINTER_TYPES
 FLOAT_SCALARS = ("sm_scale", "qk_scale", *FEATURE_FLOAT_SCALARS)
 # Flag sets compiled for every tile (the tile classes of triton_impl.VARIANTS): the common path (causal decoder
 # with padding); every optional feature of the record but attn_bias (its tiles serve ALiBi, dropout, window,
@@ -138,9 +141,22 @@ def _signature(fn, dtype: str, constexprs: dict):
     return sig, consts, attrs
 
 
+def _decode_source(row: Row):
+    from .ops.attention import triton_decode
+
+    fn = getattr(triton_decode, triton_decode.KERNEL_FUNCTIONS[row.kernel])
+    constexprs = dict(VARIANTS[row.variant])
+    constexprs.update(D=row.head_dim or row.block_d, BLOCK_D=row.block_d, SPLIT=row.variant == "all",
+                      BLOCK_M=row.block_m, BLOCK_N=row.block_n, BLOCK_R=row.block_m, UPCAST=False, USE_LIBDEVICE=True,
+                      PRECISION="tf32x3" if row.dtype == "fp32" else "tf32")
+    return fn, *_signature(fn, row.dtype, constexprs)
+
+
 def _attention_source(row: Row):
     from .ops.attention import triton_kernels
 
+    if row.kernel.startswith(DECODE):
+        return _decode_source(row)
     if row.kernel in AUX_KERNELS:
         name, sig, consts, _ = AUX_KERNELS[row.kernel]
         fn = getattr(triton_kernels, name)
@@ -221,6 +237,12 @@ def planned_rows(archs=(80, 90)) -> list[Row]:
         if arch in archs:
             rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps,
                             cfg.num_stages, variant))
+    from .ops.attention import triton_decode
+
+    for kernel, arch, bd, dtype, featured, cfg in triton_decode.shipped_configs():
+        if arch in archs:
+            rows.append(Row(kernel, arch, dtype, bd, False, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                            "all" if featured else "plain"))
     for name, (_, _, _, warps) in AUX_KERNELS.items():
         for arch in archs:
             rows.append(Row(name, arch, "fp32", 0, False, 0, 0, warps, 1))

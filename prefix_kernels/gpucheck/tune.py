@@ -61,7 +61,13 @@ def _timer(kernel: str, shape: dict, head_dim: int, dtype, device):
     x = make_inputs(**shape, head_dim=head_dim, dtype=dtype, device=device)
     args = (x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], None, True, head_dim ** -0.5)
     if kernel.startswith("fwd"):
-        return lambda: triton_impl.forward(*args, True)
+        from prefix_kernels.ops.attention import triton_decode
+
+        def forward():
+            with triton_decode.disabled():  # "fwd_decode" is the tiled forward's Lq <= 16 tile, not the decode kernel
+                return triton_impl.forward(*args, True)
+
+        return forward
     out, lse = triton_impl.forward(*args, True)
     dout = torch.randn_like(out)
     return lambda: triton_impl.backward(dout, None, *args[:5], None, out, lse, True, args[7])

@@ -94,6 +94,26 @@ def test_bench_attention_filters_shapes_and_providers_and_writes_as_it_goes(tmp_
     assert bad.returncode == 2 and "unknown key 'Q'" in bad.stderr
 
 
+def test_bench_attention_decode_dry_run(tmp_path):
+    """--decode on the CPU under the interpreter (the GPU grid's code path at one small shape): the Triton decode
+    kernel, the tiled forward it replaces, the torch backend, SDPA over a cache holding the prefix and
+    concatenation + SDPA each write an ok row, the decode kernel's with its split count."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--decode", "--quick",
+               "--no-plot", "--threads", "1", "--shapes", "L=64", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".csv")]
+    assert name.startswith("attention_decode_")
+    with open(tmp_path / name) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"prefix_kernels[triton-decode]", "prefix_kernels[triton-tiled]",
+                                             "prefix_kernels[torch]", "sdpa[cache with prefix]", "concat+sdpa"}
+    assert all(r["status"] == "ok" and r["mode"] == "decode" and float(r["gbps"]) > 0 for r in rows), rows
+    (decode,) = [r for r in rows if r["provider"] == "prefix_kernels[triton-decode]"]
+    assert int(decode["splits"]) >= 1
+
+
 def test_score_materialising_providers_are_skipped_where_they_would_not_fit(monkeypatch):
     from prefix_kernels import perf
 

@@ -49,10 +49,12 @@ def test_every_shipped_configuration_is_reported(report):
 
     _, data = report
     from prefix_kernels.kernel_report import AUX_KERNELS
+    from prefix_kernels.ops.attention import triton_decode
 
-    assert len(data["rows"]) == len(shipped_configs()) + len(reparam.shipped_configs()) + 2 * len(AUX_KERNELS)
+    assert len(data["rows"]) == (len(shipped_configs()) + len(reparam.shipped_configs()) + 2 * len(AUX_KERNELS)
+                                 + len(triton_decode.shipped_configs()))
     kinds = {(r["kernel"], r["arch"], r["dtype"], r["variant"]) for r in data["rows"]}
-    for kernel in ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq"):
+    for kernel in ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq", "decode_fwd"):
         for arch in (80, 90):
             for dtype in ("fp16", "bf16", "fp32"):
                 for variant in ("plain", "all"):

@@ -112,6 +112,12 @@ class TritonAttention(AttentionBackend):
                            f"above head dim {gpu_top} in the backward kernels; use bf16/fp16 or the torch backend)")
         return reasons
 
+    def decode_reasons(self, spec: AttentionSpec, needs_grad: bool = False) -> list[str]:
+        """Why the decode kernel (``triton_decode``: Lq <= 16, forward only) would not serve a call of this spec
+        that this backend serves (empty when it would); ``needs_grad``: a backward will follow. Imports the
+        kernels (Triton must be importable)."""
+        return triton_impl._decode().reasons(spec.len_q, spec.features, needs_grad)
+
     def impl(self):
         return triton_impl
 

@@ -228,8 +228,26 @@ def _common_constexprs(dtype: torch.dtype) -> dict:
     return {"UPCAST": _upcast(dtype), "USE_LIBDEVICE": not is_interpreting(), "PRECISION": precision(dtype)}
 
 
+def _decode():
+    """The decode kernel's module (``triton_decode``), imported on the first Lq <= 16 call."""
+    from . import triton_decode
+
+    return triton_decode
+
+
+DECODE_MAX_LEN_Q = 16
+
+
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse, features=NO_FEATURES):
-    """out [B, Hq, Lq, D] laid out like q; lse [B, Hq, Lq] fp32, or [B, Hq, 0] if not need_lse."""
+    """out [B, Hq, Lq, D] laid out like q; lse [B, Hq, Lq] fp32, or [B, Hq, 0] if not need_lse.
+
+    Lq <= 16 calls without a backward to follow go to the decode kernel (``triton_decode``) when it serves them;
+    the tiled kernel below serves the others."""
+    if q.shape[2] <= DECODE_MAX_LEN_Q:
+        served = _decode().try_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse,
+                                       features)
+        if served is not None:
+            return served
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
