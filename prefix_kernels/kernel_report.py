@@ -3,13 +3,13 @@
 Every tile configuration the launchers can pick (``shipped_configs`` of ``ops.attention.triton_impl``
 and of ``ops.reparam.triton_impl``) is compiled ahead of time for sm80 and sm90 with the signature a
 real launch would have (16-byte aligned pointers and strides, unit strides where the tensors are
-contiguous). Attention tiles are built in two flag sets: the plain path (causal with padding) and
-every optional feature on (ALiBi, dropout, window, softcap: the most state live), each with the tiles
-the launcher picks for it; the reparameterization kernels in each launch role with its own flags and
-pointer dtypes. For each we report shared memory against the architecture's limit, registers and
-stack (spill) bytes of the cubin Triton really built (read with its bundled cuobjdump, so the ptxas
-options Triton uses are the ones measured), and whether the PTX uses tensor cores (``mma.sync`` /
-``wgmma``).
+contiguous). Attention tiles are built in three flag sets: the plain path (causal with padding), every
+optional feature on but attn_bias ("scores": ALiBi, dropout, window, softcap), and every one ("all", with
+attn_bias: the most state live), each with the tiles the launcher picks for it; the reparameterization
+kernels in each launch role with its own flags and pointer dtypes. For each we report shared memory
+against the architecture's limit, registers and stack (spill) bytes of the cubin Triton really built
+(read with its bundled cuobjdump, so the ptxas options Triton uses are the ones measured), and whether
+the PTX uses tensor cores (``mma.sync`` / ``wgmma``).
 
     python -m prefix_kernels.kernel_report [--arch 80 90] [--only reparam_] [--json out.json] [--jobs N]
 
@@ -58,11 +58,13 @@ POINTER_TYPES = {"KPM": "*u8", "KV_LO": "*i32", "KV_HI": "*i32", "LSE": "*fp32",
                  "DLSE": "*fp32", "DPK_PART": "*fp32", "DPV_PART": "*fp32", "ROWS": "*i32", "ITEM_PREFIX": "*i32",
                  "ITEM_LO": "*i32", "ITEM_HI": "*i32"} | FEATURE_POINTER_TYPES
 FLOAT_SCALARS = ("sm_scale", "qk_scale", *FEATURE_FLOAT_SCALARS)
-# Flag sets compiled for every tile: the common path (causal decoder with padding) and every optional
-# feature of the record at once, which holds the most state live.
+# Flag sets compiled for every tile (the tile classes of triton_impl.VARIANTS): the common path (causal decoder
+# with padding); every optional feature of the record but attn_bias (its tiles serve ALiBi, dropout, window,
+# softcap); and every feature at once, which holds the most state live (the tiles of calls with attn_bias).
 _CORE_FLAGS = {"IS_CAUSAL": True, "HAS_KPM": True, "STORE_LSE": True}
 VARIANTS = {
     "plain": _CORE_FLAGS | {"HAS_DLSE": False} | dict.fromkeys(KERNEL_FLAGS, False),
+    "scores": _CORE_FLAGS | {"HAS_DLSE": True} | dict.fromkeys(KERNEL_FLAGS, True) | {"HAS_BIAS": False},
     "all": _CORE_FLAGS | {"HAS_DLSE": True} | dict.fromkeys(KERNEL_FLAGS, True),
 }
 # Small fixed-shape kernels of the attention family: (function, signature, constants, num_warps). No dots.
@@ -215,10 +217,10 @@ def planned_rows(archs=(80, 90)) -> list[Row]:
     from .ops.reparam import triton_impl as reparam
 
     rows = []
-    for kernel, arch, bd, dtype, decode, featured, cfg in shipped_configs():
+    for kernel, arch, bd, dtype, decode, variant, cfg in shipped_configs():
         if arch in archs:
             rows.append(Row(kernel, arch, dtype, bd, decode, cfg.block_m, cfg.block_n, cfg.num_warps,
-                            cfg.num_stages, "all" if featured else "plain"))
+                            cfg.num_stages, variant))
     for name, (_, _, _, warps) in AUX_KERNELS.items():
         for arch in archs:
             rows.append(Row(name, arch, "fp32", 0, False, 0, 0, warps, 1))
@@ -247,7 +249,7 @@ def run(archs=(80, 90), jobs: int | None = None, progress: bool = True, only: st
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'kernel':20} {'flags':5} {'arch':>4} {'dtype':9} {'D':>3} {'tile':>10} {'w':>2} {'s':>1} "
+    head = (f"{'kernel':20} {'flags':6} {'arch':>4} {'dtype':9} {'D':>3} {'tile':>10} {'w':>2} {'s':>1} "
             f"{'smem KB':>8} {'regs':>4} {'stack':>5} {'tc':5} status")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -256,7 +258,7 @@ def format_table(rows: list[Row]) -> str:
         dtype = r.dtype + (">" + r.compute if r.compute else "")
         tile = f"{r.block_m}x{r.block_n}" + (f"x{r.block_k}" if r.block_k else "")
         lines.append(
-            f"{name:20} {r.variant:5} {r.arch:>4} {dtype:9} {r.block_d or '':>3} {tile:>10} {r.num_warps:>2} "
+            f"{name:20} {r.variant:6} {r.arch:>4} {dtype:9} {r.block_d or '':>3} {tile:>10} {r.num_warps:>2} "
             f"{r.num_stages:>1} {r.shared / 1024:>8.1f} {r.registers:>4} {r.stack:>5} {r.tensor_cores:5} {status}"
         )
     bad = sum(not r.ok for r in rows)

@@ -196,10 +196,15 @@ def test_triton_kernels_take_the_feature_arguments_in_the_records_order():
         assert {a for a in args if a.startswith("HAS_") or a.startswith("IS_")} <= launched, name
     pointers, scalars, flags = record.Features(softcap=2.0, prefix_lengths=torch.ones(1)).kernel_args(
         kern._attn_bwd_prefix_dkdv_kernel, torch.zeros(1))
-    assert [p.shape for p in pointers] == [(1,), (1,), (1,)] and pointers[2] is not pointers[0]
-    assert scalars == {"softcap": 2.0, "dropout_p": 0.0}
+    assert [p.shape for p in pointers] == [(1,), (1,), (1,), (1,)] and pointers[2] is not pointers[0]
+    bias_strides = dict.fromkeys(("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n"), 0)
+    assert scalars == {"softcap": 2.0, "dropout_p": 0.0, **bias_strides}
     assert flags == {"HAS_ALIBI": False, "HAS_DROPOUT": False, "HAS_SOFTCAP": True, "HAS_INDEX": False,
-                     "HAS_LENGTHS": True}
+                     "HAS_LENGTHS": True, "HAS_BIAS": False}
+    # A tensor option's strides: 0 on its size-1 dims (the kernels broadcast them).
+    bias = torch.zeros(3, 1, 5, 7)[:, :, :, :6]
+    _, scalars, _ = record.Features(attn_bias=bias).kernel_args(kern._attn_bwd_prefix_dkdv_kernel, torch.zeros(1))
+    assert [scalars[n] for n in bias_strides] == [35, 0, 7, 1]
 
 
 def _brute_force(len_q, len_k, P, causal, kpm, window):

@@ -75,6 +75,8 @@ def prefix_attention(
             ``i + (Lk - Lq) - W < j <= i + (Lk - Lq)``. The prefix stays visible to every query (it is
             not part of the sequence the window slides over).
         softcap: c > 0: logits become ``c * tanh(scale * q.k / c)`` (Gemma 2); ALiBi is added after.
+        attn_bias: ``[B or 1, Hq or 1, Lq or 1, P + Lk or 1]`` fp32 (or q's dtype), no gradient: added to the
+            logits after the softcap and ALiBi (T5's position bias); columns 0..P-1 are the prefix, -inf hides a key.
         return_lse: also return ``lse [B, Hq, Lq]`` (float32, natural log); it is differentiable.
         backend: "auto" (triton > cuda > torch; ``PREFIX_KERNELS_BACKEND`` overrides), or a name. A
             named backend that cannot serve the input raises with every reason. Until a GPU has measured
@@ -85,7 +87,8 @@ def prefix_attention(
         ``out [B, Hq, Lq, D]`` in q's dtype and memory layout, or ``(out, lse)`` with return_lse.
 
     A row that sees no key at all (P = 0 and every input key masked, or causal with Lq > Lk and no
-    prefix) gets ``out = 0`` and ``lse = -inf``, and zero gradients: never NaN.
+    prefix, or attn_bias -inf at every key it could see) gets ``out = 0`` and ``lse = -inf``, and zero
+    gradients: never NaN.
 
     Non-finite inputs, one rule on every backend: NaN and Inf in q, or in a key or value that a query can
     see, go through the arithmetic of the formula above: a NaN makes that query's output and LSE NaN (never

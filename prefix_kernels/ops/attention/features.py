@@ -40,6 +40,9 @@ class CheckContext:
     batch: int
     heads_q: int
     prefix_len: int
+    len_q: int
+    len_k: int
+    dtype: torch.dtype  # q's
     n_prefixes: int
     device: torch.device
     causal: bool
@@ -74,6 +77,34 @@ def _check_alibi_offsets(t, ctx):
     if isinstance(t, torch.Tensor) and ctx.given.get("alibi_slopes") is None:
         raise ValueError("alibi_offsets was given without alibi_slopes")
     return _tensor("alibi_offsets", t, ctx, _INTS, ctx.batch, f"(batch={ctx.batch},)")
+
+
+def _check_attn_bias(t, ctx):
+    """An additive bias [B or 1, Hq or 1, Lq or 1, P + Lk or 1], fp32 or q's dtype, on q's device, without
+    gradient (the kernels compute none: it is a frozen base model's position bias)."""
+    full = (ctx.batch, ctx.heads_q, ctx.len_q, ctx.prefix_len + ctx.len_k)
+    want = (f"[B={full[0]} or 1, Hq={full[1]} or 1, Lq={full[2]} or 1, P + Lk={full[3]} or 1] "
+            f"(P={ctx.prefix_len} prefix columns, then Lk={ctx.len_k} input keys)")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"attn_bias must be a torch.Tensor of shape {want}, got {type(t).__name__}")
+    if t.dim() != 4 or any(n not in (1, m) for n, m in zip(t.shape, full, strict=True)):
+        raise ValueError(f"attn_bias must have shape {want}, each dim full or 1, got {_shape(t)}")
+    allowed = (torch.float32,) if ctx.dtype == torch.float32 else (torch.float32, ctx.dtype)
+    if t.dtype not in allowed:
+        raise TypeError(f"attn_bias must be {' or '.join(str(d)[6:] for d in allowed)} (float32, or q's dtype), "
+                        f"got {t.dtype}")
+    if t.device != ctx.device:
+        raise ValueError(f"attn_bias is on {t.device} but q is on {ctx.device}")
+    if t.requires_grad:
+        raise ValueError("attn_bias requires grad, but prefix_attention computes no gradient for it (it is meant "
+                         "for a frozen base model's position bias, such as T5's): pass attn_bias.detach(), or use "
+                         "prefix_attention_ref, which is differentiable in it")
+    return t
+
+
+def broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides with 0 for its size-1 dims: a kernel indexing it at the full size reads the broadcast."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride(), strict=True))
 
 
 def _check_dropout_p(p, ctx):
@@ -142,6 +173,7 @@ class Option:
     scalar: tuple[str, object] | None = None
     check: Callable | None = None
     draw: Callable[[torch.device], torch.Tensor] | None = None
+    strides: tuple[str, ...] = ()
 
     @property
     def public(self) -> bool:
@@ -189,6 +221,10 @@ FEATURES = (
                check=_selection("prefix_lengths", lambda c: c.n_prefixes, lambda c: 0, lambda c: c.prefix_len,
                                 lambda c: f"prefix lengths, at most P={c.prefix_len}")),
     ), kind="keys", label="prefix banks (prefix_index / prefix_lengths, or more than one prefix)", needs_prefix=True),
+    Feature("attn_bias", (
+        Option("attn_bias", "Tensor?", flag="HAS_BIAS", pointer=("BIAS", "*fp32"), check=_check_attn_bias,
+               strides=("stride_bias_b", "stride_bias_h", "stride_bias_m", "stride_bias_n")),
+    )),
 )
 
 OPTIONS = tuple(o for f in FEATURES for o in f.options)
@@ -198,7 +234,7 @@ FEATURE_OF = {o.name: f for f in FEATURES for o in f.options}
 KERNEL_FLAGS = tuple(o.flag for o in OPTIONS if o.flag)
 # Element types of the features' pointer arguments, for the static report.
 POINTER_TYPES = dict(o.pointer for o in OPTIONS if o.pointer)
-# The features' scalar kernel arguments that are floats (the others are ints).
+# The features' scalar kernel arguments that are floats (the others are ints, strides included).
 FLOAT_SCALARS = tuple(o.scalar[0] for o in OPTIONS if o.scalar and isinstance(o.scalar[1], float))
 # The options as arguments of a custom op's schema, in the record's order.
 SCHEMA = ", ".join(f"{o.schema} {o.name}" for o in OPTIONS)
@@ -246,7 +282,8 @@ class _Record:
 
     def kernel_args(self, kernel, dummy: torch.Tensor):
         """(pointers, scalars, flags) that pass these features to the Triton ``kernel``: the pointer arguments it
-        takes in the record's order (``dummy`` for those off), and its feature scalars and flags by name."""
+        takes in the record's order (``dummy`` for those off), and its feature scalars (strides included) and
+        flags by name."""
         names = set(kernel.arg_names)
         pointers, scalars, flags = [], {}, {}
         for o in OPTIONS:
@@ -256,6 +293,9 @@ class _Record:
                 pointers.append(value if on else dummy)
             if o.scalar and o.scalar[0] in names:
                 scalars[o.scalar[0]] = value if on else o.scalar[1]
+            if o.strides and o.strides[0] in names:
+                scalars.update(zip(o.strides, broadcast_strides(value) if on else (0,) * len(o.strides),
+                                   strict=True))
             if o.flag and o.flag in names:
                 flags[o.flag] = on
         return pointers, scalars, flags
@@ -274,7 +314,8 @@ the record (all off by default), read by name (``features.alibi_slopes``).
 
 Shapes: alibi_slopes ``[Hq]`` fp32, alibi_offsets ``[B]`` int, dropout_seed an int64 scalar tensor on the
 inputs' device from which every kernel regenerates the same keep mask, prefix_index ``[B]`` and prefix_lengths
-``[N]`` int (backends see every prefix as a bank ``[N, Hkv, P, D]``; a single shared prefix is a bank of one)."""
+``[N]`` int (backends see every prefix as a bank ``[N, Hkv, P, D]``; a single shared prefix is a bank of one),
+attn_bias ``[B or 1, Hq or 1, Lq or 1, P + Lk or 1]`` fp32 or q's dtype (added to the logits)."""
 
 NO_FEATURES = Features()
 

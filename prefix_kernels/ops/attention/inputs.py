@@ -182,7 +182,8 @@ def check_inputs(
 
     features = NO_FEATURES
     if options:
-        features = check_features(CheckContext(batch=B, heads_q=Hq, prefix_len=P, n_prefixes=n_prefixes,
+        features = check_features(CheckContext(batch=B, heads_q=Hq, prefix_len=P, len_q=Lq, len_k=Lk, dtype=q.dtype,
+                                               n_prefixes=n_prefixes,
                                                device=q.device, causal=causal, has_prefix=prefix_k is not None,
                                                given=options, check_values=_check_values))
     return AttentionSpec(

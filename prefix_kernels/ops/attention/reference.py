@@ -133,7 +133,9 @@ def prefix_attention_ref(
 
     Logits: ``S = softcap * tanh(scale * q.k / softcap)`` (or ``scale * q.k``), plus
     ``alibi_slopes[h] * position`` with prefix column p at position p and input key j at
-    ``P + j + alibi_offsets[b]``. Dropout: ``dropout_keep [B, Hq, Lq, P + Lk]`` bool is the keep mask
+    ``P + j + alibi_offsets[b]``, plus ``attn_bias[b, h, i, c]`` (broadcast over its size-1 dims; column c < P
+    is prefix column c, column P + j input key j), added last: a -inf there hides that key, and masked keys
+    stay masked whatever the bias holds. Dropout: ``dropout_keep [B, Hq, Lq, P + Lk]`` bool is the keep mask
     (the probabilities of kept entries are divided by ``1 - dropout_p``, dropped ones are zero); the
     LSE is that of S, before dropout. A bank ``[N, Hkv, P, D]`` with ``prefix_index [B]`` (-1: none)
     and ``prefix_lengths [N]`` gives each row its own prefix; ALiBi positions of the input then start at
@@ -164,6 +166,8 @@ def prefix_attention_ref(
     if f.alibi_slopes is not None:
         scores = scores + f.alibi_slopes.to(cdt).view(1, Hq, 1, 1) * alibi_positions(
             B, Lk, P, f.alibi_offsets, q.device, row_len).to(cdt).view(B, 1, 1, P + Lk)
+    if f.attn_bias is not None:
+        scores = scores + f.attn_bias.to(cdt)  # [B or 1, Hq or 1, Lq or 1, P + Lk or 1]: broadcasts
     visible = visibility_mask(Lq, Lk, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
                               sliding_window=f.sliding_window, prefix_visible=prefix_visible)
     if visible is not None:

@@ -127,13 +127,15 @@ class _Logits:
         if features.alibi_slopes is not None:
             pos = alibi_positions(B, len_k, P, features.alibi_offsets, q.device, keys.row_len).to(raw.dtype)
             raw = raw + features.alibi_slopes.to(raw.dtype).view(1, Hkv, G, 1, 1) * pos.view(B, 1, 1, 1, n_cols)
+        if features.attn_bias is not None:
+            raw = raw + _grouped(features.attn_bias, Hkv, G).to(raw.dtype)
         mask = keys.mask(Lq, len_k, causal, key_padding_mask, features.sliding_window)
         if mask is not None:
             raw = raw.masked_fill(~mask.unsqueeze(2), float("-inf"))
         self.lse = torch.logsumexp(raw, dim=-1)
         probs = torch.softmax(raw, dim=-1)
-        if mask is not None:
-            # softmax of a row with no visible key is 0/0; such rows are defined as zero.
+        if mask is not None or features.attn_bias is not None:
+            # softmax of a row with no visible key (masked, or -inf in the bias) is 0/0; such rows are zero.
             probs = probs.masked_fill(torch.isneginf(self.lse).unsqueeze(-1), 0.0)
         self.probs = probs
         self.keep = None
@@ -150,17 +152,23 @@ class _Logits:
         return torch.where(self.keep, x * self.keep_scale, torch.zeros_like(x))
 
 
+def _grouped(bias: torch.Tensor, heads_kv: int, group: int) -> torch.Tensor:
+    """attn_bias [B or 1, Hq or 1, Lq or 1, n or 1] -> [B or 1, Hkv or 1, G or 1, Lq or 1, n or 1] (a view)."""
+    return bias.unsqueeze(1) if bias.shape[1] == 1 else bias.unflatten(1, (heads_kv, group))
+
+
 def _is_plain(features: Features) -> bool:
     return not features.scores  # no feature that changes the scores (a bank only chooses the keys)
 
 
 def _sdpa_serves(q: torch.Tensor, features: Features) -> bool:
     """Whether one ``scaled_dot_product_attention`` call computes an output-only forward: plain calls, a
-    sliding window (a bool mask), and ALiBi in fp32 / fp64 (an additive bias; in half precision the bias
-    of far keys would round to steps of a whole logit, so the explicit fp32 path keeps those)."""
+    sliding window (a bool mask), and ALiBi or attn_bias in fp32 / fp64 (an additive bias; in half precision the
+    bias of far keys would round to steps of a whole logit, so the explicit fp32 path keeps those)."""
     if features.dropout_p > 0 or features.softcap is not None:
         return False
-    return features.alibi_slopes is None or q.dtype in (torch.float32, torch.float64)
+    additive = features.alibi_slopes is not None or features.attn_bias is not None
+    return not additive or q.dtype in (torch.float32, torch.float64)
 
 
 def _use_cpu_flash(q: torch.Tensor, features: Features) -> bool:
@@ -218,15 +226,22 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
         return _into(out, q), lse
     mask = keys.mask(Lq, Lk, causal, key_padding_mask, features.sliding_window)
     attn_mask = mask
+    additive = None
     if features.alibi_slopes is not None:
-        # The bias depends on the key alone: [B, Hq, 1, P + Lk], -inf where the key is not visible.
+        # The bias depends on the key alone: [B, Hq, 1, P + Lk].
         pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, q.device, keys.row_len).to(q.dtype)
-        attn_mask = features.alibi_slopes.to(q.dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
-        if mask is not None:
-            attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+        additive = features.alibi_slopes.to(q.dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
+    if features.attn_bias is not None:
+        bias = features.attn_bias.to(q.dtype)
+        additive = bias if additive is None else additive + bias
+    if additive is not None:
+        attn_mask = additive if mask is None else additive.masked_fill(~mask, float("-inf"))  # -inf: not visible
     out = F.scaled_dot_product_attention(q, keys.k, keys.v, attn_mask=attn_mask, scale=scale, enable_gqa=Hq != Hkv)
     if attn_mask is None:
         out, _ = _propagate_nan_queries(q, out, None)
+    elif features.attn_bias is not None:
+        # Rows that see no key at all (masked, or -inf in the bias) are zeros; not every SDPA kernel agrees.
+        out = out.masked_fill(torch.isneginf(attn_mask).all(dim=-1, keepdim=True), 0.0)
     elif mask is not None and not keys_always_visible:
         # Rows that see no key at all are defined as zeros; not every SDPA kernel agrees on them.
         out = out.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)

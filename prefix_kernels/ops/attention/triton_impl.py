@@ -90,27 +90,51 @@ _FEATURED_TILES = {
 }
 
 
+# Overrides on top of the featured tiles when attn_bias is on as well (its [BLOCK_M, BLOCK_N] fp32 tile and pointers
+# are live beside everything else), per (arch, element bytes): only where the featured tile spills with every flag on,
+# HAS_BIAS included (kernel_report's "all" rows; its "scores" rows are every flag but the bias, on the tiles above).
+_BIAS_TILES = {
+    (90, 2): {
+        "fwd": {128: (128, 32, 8, 2), 256: (32, 32, 8, 2)},
+        "bwd_dkdv": {32: (32, 64, 8, 2), 64: (16, 64, 8, 2)},
+        "bwd_prefix_dkdv": {128: (16, 64, 8, 2)},
+        "bwd_dq": {128: (64, 32, 8, 2), 256: (16, 32, 4, 1)},
+    },
+    (80, 2): {
+        "fwd": {16: (128, 64, 8, 2), 32: (128, 32, 8, 2), 64: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
+        "bwd_dkdv": {32: (16, 64, 8, 2), 64: (32, 32, 4, 2), 256: (32, 16, 8, 1)},
+        "bwd_prefix_dkdv": {32: (16, 64, 8, 2), 64: (32, 32, 4, 2), 128: (16, 64, 8, 2)},
+        "bwd_dq": {32: (64, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 64, 8, 2)},
+    },
+}
+
+VARIANTS = ("plain", "scores", "all")  # the tile classes: no score feature; score features; those and attn_bias
+
+
 def block_d(head_dim: int) -> int:
     """Head dim padded to the power of two the kernels tile with."""
     return max(MIN_HEAD_DIM, next_power_of_2(head_dim))
 
 
 def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None = None, arch: int = 90,
-                featured: bool = False) -> TileConfig:
+                featured: bool = False, bias: bool = False) -> TileConfig:
     """The tile configuration shipped for ``kernel`` at this head dim, element size and architecture.
 
     ``featured``: an optional feature (ALiBi, dropout, window, softcap) is on; where those kernels would
-    spill with the plain tile, ``_FEATURED_TILES`` holds a smaller one.
+    spill with the plain tile, ``_FEATURED_TILES`` holds a smaller one. ``bias``: attn_bias is on too (it counts as
+    featured); ``_BIAS_TILES`` holds a smaller tile still where the featured one spills with it.
 
     Under the interpreter every kernel uses 32 x 32 tiles, which keeps CPU tests fast and still walks
     several tiles, and partial ones, at small shapes.
 
     A measured table (``tile_overrides``: ``PREFIX_KERNELS_TILES`` or a file shipped for this device, written by
-    ``gpu-check``) takes precedence where it has an entry for this kernel, BLOCK_D, width and featured flag.
+    ``gpu-check``) takes precedence where it has an entry for this kernel, BLOCK_D, width and featured flag (not
+    with attn_bias: gpu-check measures no bias, so its tiles are not known to fit with one).
     """
+    featured = featured or bias
     decode = kernel == "fwd" and len_q is not None and len_q <= 16
-    measured = tile_overrides.lookup("fwd_decode" if decode else kernel, block_d(head_dim), elem_bytes, featured,
-                                     arch, is_interpreting())
+    measured = None if bias and not is_interpreting() else tile_overrides.lookup(
+        "fwd_decode" if decode else kernel, block_d(head_dim), elem_bytes, featured, arch, is_interpreting())
     if measured is not None:
         return TileConfig(*measured)
     if is_interpreting():
@@ -125,6 +149,8 @@ def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None =
     entries = dict(table[kernel])
     if featured:
         entries.update(_FEATURED_TILES.get((arch, width), {}).get(kernel, {}))
+    if bias:
+        entries.update(_BIAS_TILES.get((arch, width), {}).get(kernel, {}))
     for max_bd, cfg in sorted(entries.items()):
         if bd <= max_bd:
             return TileConfig(*cfg)
@@ -132,8 +158,9 @@ def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None =
 
 
 def shipped_configs():
-    """Every (kernel, arch, BLOCK_D, dtype name, decode, featured, TileConfig) the launchers can pick on a
-    GPU; ``featured`` rows are compiled with every optional feature on."""
+    """Every (kernel, arch, BLOCK_D, dtype name, decode, variant, TileConfig) the launchers can pick on a
+    GPU; ``variant`` is one of :data:`VARIANTS` (kernel_report compiles "scores" rows with every optional feature
+    on but attn_bias, "all" rows with every one)."""
     rows = []
     for arch in ARCHS:
         for dtype in ("fp16", "bf16", "fp32"):
@@ -144,9 +171,10 @@ def shipped_configs():
                     continue
                 for kernel in KERNELS:
                     for decode in (False, True) if kernel == "fwd" else (False,):
-                        for featured in (False, True):
-                            cfg = tile_config(kernel, bd, elem_bytes, 1 if decode else None, arch, featured)
-                            rows.append((kernel, arch, bd, dtype, decode, featured, cfg))
+                        for variant in VARIANTS:
+                            cfg = tile_config(kernel, bd, elem_bytes, 1 if decode else None, arch,
+                                              variant != "plain", variant == "all")
+                            rows.append((kernel, arch, bd, dtype, decode, variant, cfg))
     return rows
 
 
@@ -211,7 +239,8 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     fptrs, fscalars, fflags = features.kernel_args(kern._attn_fwd_kernel, q)
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Lq if need_lse else 0), dtype=torch.float32, device=q.device)
-    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device), bool(features.scores))
+    cfg = tile_config("fwd", D, q.element_size(), Lq, arch_of(q.device), bool(features.scores),
+                      features.attn_bias is not None)
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
     grid = (cdiv(Lq, cfg.block_m), B * Hq)
@@ -260,6 +289,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     kern = _kernels()
     fptrs, fscalars, fflags = features.kernel_args(kern._attn_bwd_dkdv_kernel, q)
     featured = bool(features.scores)
+    bias = features.attn_bias is not None
     has_kpm = mask_u8 is not None
     m = mask_u8 if has_kpm else q
     lo_ = kv_lo if has_kpm else q
@@ -274,13 +304,13 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     with device_ctx(q):
-        cfg = tile_config("bwd_preprocess", D, q.element_size(), arch=arch, featured=featured)
+        cfg = tile_config("bwd_preprocess", D, q.element_size(), arch=arch, featured=featured, bias=bias)
         kern._attn_bwd_preprocess_kernel[(cdiv(Lq, cfg.block_m), B * Hq)](
             out, dout, dlse_c, delta, *out.stride(), *dout.stride(), Hq, Lq, D,
             HAS_DLSE=has_dlse, BLOCK_M=cfg.block_m, BLOCK_D=bd,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        cfg = tile_config("bwd_dkdv", D, q.element_size(), arch=arch, featured=featured)
+        cfg = tile_config("bwd_dkdv", D, q.element_size(), arch=arch, featured=featured, bias=bias)
         kern._attn_bwd_dkdv_kernel[(cdiv(Lk, cfg.block_n), B * Hkv)](
             q, k, v, dout, lse, delta, m, lo_, hi_, *fptrs, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *m_strides, *dk.stride(), *dv.stride(),
@@ -289,7 +319,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
             **consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         pk, pv = _as_bank(prefix_k, k), _as_bank(prefix_v, v)
-        cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch, featured=featured)
+        cfg = tile_config("bwd_dq", D, q.element_size(), arch=arch, featured=featured, bias=bias)
         dq_kernel = kern._attn_bwd_dq_kernel
         qptrs, qscalars, qflags = features.kernel_args(dq_kernel, q)
         dq_kernel[(cdiv(Lq, cfg.block_m), B * Hq)](
@@ -302,7 +332,7 @@ def backward(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse
         )
         if P == 0:
             return dq, dk, dv, None, None
-        cfg = tile_config("bwd_prefix_dkdv", D, q.element_size(), arch=arch, featured=featured)
+        cfg = tile_config("bwd_prefix_dkdv", D, q.element_size(), arch=arch, featured=featured, bias=bias)
         n_tiles = cdiv(P, cfg.block_n)
         units = B * G
         splits = _prefix_splits(units, n_tiles * Hkv, q.device)

@@ -11,6 +11,8 @@ Optional features are constexpr flags of these kernels, not copies of them:
   forward's mask without storing it.
 - sliding window W (causal): input key j visible to query i iff j > i + (Lk - Lq) - W.
 - softcap c: logit = c * tanh(scale * q.k / c), with its derivative in the backward.
+- attn_bias: logit += bias[b, h, i, column] (after softcap and ALiBi), column of [prefix ; input]; read per
+  (query tile, key tile) where visible, through strides that are 0 on the broadcast dims; no gradient.
 
 The head dim D is a compile-time constant (one specialisation per head dim in use, as in
 flash-attention): its masks then fold away when D is a power of two.
@@ -84,6 +86,14 @@ def _logits(x, pos, slope2, sm_scale, qk_scale, softcap,
     if HAS_ALIBI:
         s = s + slope2 * pos
     return s, t
+
+
+@triton.jit
+def _load_bias(bias_bh, rows2, cols2, ok, Lq, stride_m, stride_n):
+    """attn_bias at (rows2, cols2) (broadcastable row / global column indices) of one (batch, head), in base 2;
+    0 where not ``ok`` or past Lq (never read there, so masked keys stay masked whatever it holds)."""
+    ptrs = bias_bh + rows2 * stride_m + cols2 * stride_n
+    return tl.load(ptrs, mask=ok & (rows2 < Lq), other=0.0).to(tl.float32) * LOG2E
 
 
 @triton.jit
@@ -161,16 +171,18 @@ def _row_prefix(PIDX, PLEN, b, P, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.const
 
 
 @triton.jit
-def _q_block(Q, ALIBI, SEED, stride_qb, stride_qh, stride_qm, stride_qd,
+def _q_block(Q, ALIBI, SEED, BIAS, stride_qb, stride_qh, stride_qm, stride_qd,
+             stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
              Hq, Lq, Lk, P, D: tl.constexpr, GROUP, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """The prologue of a query-block program, shared by the forward and the dQ pass (grid (cdiv(Lq, BLOCK_M),
     B * Hq)): which (batch row b, query head h, kv head g, query rows) it owns, its per-head constants and the
     query tile.
 
-    Returns (b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, q): g, b64 and h64
-    in int64; row_base the global row of query 0 of (b, h) and n_cols = P + Lk (dropout indices); slope2 the
-    ALiBi slope in base 2.
+    Returns (b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q): g, b64 and
+    h64 in int64; row_base the global row of query 0 of (b, h) and n_cols = P + Lk (dropout indices); slope2 the
+    ALiBi slope in base 2; bias what :func:`_scores` reads of attn_bias: ((b, h)'s base, Lq, row and column
+    strides).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -194,8 +206,9 @@ def _q_block(Q, ALIBI, SEED, stride_qb, stride_qh, stride_qm, stride_qd,
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    bias = (BIAS + b64 * stride_bias_b + h64 * stride_bias_h, Lq, stride_bias_m, stride_bias_n)  # attn_bias
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
-    return b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, q
+    return b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q
 
 
 @triton.jit
@@ -259,25 +272,31 @@ def _input_keys(source, n0, rows, D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_
 
 
 @triton.jit
-def _scores(q, k, pos, slope2, sm_scale, qk_scale, softcap,
-            HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(q, k, pos, rows, cols_g, ok, bias, slope2, sm_scale, qk_scale, softcap, HAS_ALIBI: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
     """Scores of a query tile against a key tile, the forward's and the dQ pass's alike: (s, t) of
-    :func:`_logits` for q @ k^T (base 2, unmasked; t the softcap's tanh term), pos the keys' ALiBi positions."""
+    :func:`_logits` for q @ k^T (base 2, unmasked; t the softcap's tanh term), pos the keys' ALiBi positions,
+    plus attn_bias (``bias`` from :func:`_q_block`) at rows x cols_g, read only where ``ok``."""
     x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    return _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
+    s, t = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
+    if HAS_BIAS:  # attn_bias
+        bias_bh, Lq, stride_bias_m, stride_bias_n = bias
+        s = s + _load_bias(bias_bh, rows[:, None], cols_g[None, :], ok, Lq, stride_bias_m, stride_bias_n)
+    return s, t
 
 
 @triton.jit
 def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
-              slope2, sm_scale, qk_scale, softcap,
-              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              slope2, sm_scale, qk_scale, softcap, bias,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
               USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update of (row max, row sum, accumulator) with a key tile.
 
     The row sum takes every probability; the accumulator only the kept ones (dropout rescaling by
     1 / (1 - p) is applied once at the end).
     """
-    s, _ = _scores(q, k, pos, slope2, sm_scale, qk_scale, softcap, HAS_ALIBI, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+    s, _ = _scores(q, k, pos, rows, cols_g, ok, bias, slope2, sm_scale, qk_scale, softcap,
+                   HAS_ALIBI, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows that have seen no visible key yet keep a zero shift, so exp2 never meets (-inf) - (-inf).
@@ -294,7 +313,7 @@ def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_c
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, O, LSE,
+    Q, K, V, PK, PV, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, BIAS, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -303,17 +322,19 @@ def _attn_fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, STORE_LSE: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_M), B * Hq). O [B, Hq, Lq, D]; LSE [B, Hq, Lq] fp32 contiguous.
     The prefix is a bank [N, Hkv, P, D]; row b uses entry PIDX[b] (or 0) for its first p_row columns."""
-    b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, q = _q_block(
-        Q, ALIBI, SEED, stride_qb, stride_qh, stride_qm, stride_qd, Hq, Lq, Lk, P, D, GROUP, HAS_ALIBI, HAS_DROPOUT,
-        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+    b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q = _q_block(
+        Q, ALIBI, SEED, BIAS, stride_qb, stride_qh, stride_qm, stride_qd, stride_bias_b, stride_bias_h, stride_bias_m,
+        stride_bias_n, Hq, Lq, Lk, P, D, GROUP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -322,14 +343,16 @@ def _attn_fwd_kernel(
     for n0 in range(0, p_row, BLOCK_N):
         k, v, ok, pos, cols_g = _prefix_keys(prefix, n0, D, UPCAST)
         m_i, l_i, acc = _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
-            slope2, sm_scale, qk_scale, softcap, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+            slope2, sm_scale, qk_scale, softcap, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE,
+            PRECISION)
     lo, hi, source = _input_source(K, V, KPM, KV_LO, KV_HI, ALIBI_OFF, b, b64, g, m_start, p_row, offs_n, offs_d,
         stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn,
         Lq, Lk, P, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW, HAS_ALIBI_OFF, BLOCK_M, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         k, v, ok, pos, cols_g = _input_keys(source, n0, rows, D, IS_CAUSAL, HAS_KPM, HAS_WINDOW, UPCAST)
         m_i, l_i, acc = _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
-            slope2, sm_scale, qk_scale, softcap, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+            slope2, sm_scale, qk_scale, softcap, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE,
+            PRECISION)
 
     # A row that saw no key (P = 0, every key masked) has l_i = 0: output zeros and LSE = -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -375,10 +398,11 @@ def _dkdv_accumulate(
     q_bh, do_bh, lse_bh, delta_bh, kept, row_base, seed, slope2,
     stride_qm, stride_qd, stride_dom, stride_dod,
     m_lo, m_hi, Lq, Lk, D: tl.constexpr, sm_scale, qk_scale, window, softcap, dropout_p,
+    bias_bh, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """Add one (batch row, query head)'s contribution over query rows [m_lo, m_hi) to a key tile's dK, dV.
 
@@ -394,12 +418,16 @@ def _dkdv_accumulate(
         qT = _load_rows_t(q_bh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
         do = _load_rows(do_bh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
         lse2 = tl.load(lse_bh + rows, mask=rows < Lq, other=0.0) * LOG2E
+        if HAS_BIAS:  # attn_bias: a row it hid entirely (lse -inf) gets p = 0, not exp2(-inf + inf)
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         delta = tl.load(delta_bh + rows, mask=rows < Lq, other=0.0)
         xT = tl.dot(k, qT, input_precision=PRECISION)
         sT, tT = _logits(xT, pos[:, None], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI,
                          USE_LIBDEVICE)
         ok = _visible(rows[None, :], cols[:, None], kept[:, None], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
         ok = ok & (rows[None, :] < Lq)
+        if HAS_BIAS:  # attn_bias
+            sT = sT + _load_bias(bias_bh, rows[None, :], cols_g[:, None], ok, Lq, stride_bias_m, stride_bias_n)
         pT = tl.where(ok, tl.math.exp2(sT - lse2[None, :]), 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
@@ -418,7 +446,7 @@ def _dkdv_accumulate(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, BIAS, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -427,9 +455,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -483,8 +513,9 @@ def _attn_bwd_dkdv_kernel(
             LSE + bh * Lq, DELTA + bh * Lq, kept, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod,
             m_lo, m_hi, Lq, Lk, D, sm_scale, qk_scale, window, softcap, dropout_p,
+            BIAS + b64 * stride_bias_b + h64 * stride_bias_h, stride_bias_m, stride_bias_n,  # attn_bias
             IS_CAUSAL, HAS_ALIBI, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP,
-            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
+            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION, HAS_BIAS,
         )
     dk = dk * sm_scale
     tile_mask = (cols[:, None] < Lk) & (offs_d[None, :] < D)
@@ -496,14 +527,15 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_prefix_dkdv_kernel(
-    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, PLEN, ROWS, ITEM_PREFIX, ITEM_LO, ITEM_HI, DPK_PART, DPV_PART,
+    Q, PK, PV, DO, LSE, DELTA, ALIBI, SEED, PLEN, BIAS, ROWS, ITEM_PREFIX, ITEM_LO, ITEM_HI, DPK_PART, DPV_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     Hq, Hkv, Lq, Lk, P, D: tl.constexpr, GROUP, UNITS, UNITS_PER_SPLIT, sm_scale, qk_scale, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -558,8 +590,9 @@ def _attn_bwd_prefix_dkdv_kernel(
             LSE + bh * Lq, DELTA + bh * Lq, cols < p_n, bh * Lq, seed, slope2,
             stride_qm, stride_qd, stride_dom, stride_dod,
             0, Lq, Lq, Lk, D, sm_scale, qk_scale, 0, softcap, dropout_p,
+            BIAS + b64 * stride_bias_b + h64 * stride_bias_h, stride_bias_m, stride_bias_n,  # attn_bias
             False, HAS_ALIBI, HAS_DROPOUT, False, HAS_SOFTCAP,
-            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION,
+            BLOCK_M, BLOCK_D, UPCAST, USE_LIBDEVICE, PRECISION, HAS_BIAS,
         )
     dk = dk * sm_scale
     part = (item.to(tl.int64) * Hkv + g64) * P * D
@@ -586,10 +619,11 @@ def _sum_segments_kernel(PART, SEG_OFF, OUT, n_elems, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2,
-             sm_scale, qk_scale, softcap, dropout_p,
-             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             sm_scale, qk_scale, softcap, dropout_p, bias,
+             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
              USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
-    s, t = _scores(q, k, pos, slope2, sm_scale, qk_scale, softcap, HAS_ALIBI, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+    s, t = _scores(q, k, pos, rows, cols_g, ok, bias, slope2, sm_scale, qk_scale, softcap,
+                   HAS_ALIBI, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
     p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
@@ -603,7 +637,7 @@ def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, DQ,
+    Q, K, V, PK, PV, DO, LSE, DELTA, KPM, KV_LO, KV_HI, ALIBI, ALIBI_OFF, SEED, PIDX, PLEN, BIAS, DQ,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -612,18 +646,22 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod, stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
+    stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_ALIBI: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ. Grid (cdiv(Lq, BLOCK_M), B * Hq); walks the same tiles as the forward."""
-    b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, q = _q_block(
-        Q, ALIBI, SEED, stride_qb, stride_qh, stride_qm, stride_qd, Hq, Lq, Lk, P, D, GROUP, HAS_ALIBI, HAS_DROPOUT,
-        BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
+    b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q = _q_block(
+        Q, ALIBI, SEED, BIAS, stride_qb, stride_qh, stride_qm, stride_qd, stride_bias_b, stride_bias_h, stride_bias_m,
+        stride_bias_n, Hq, Lq, Lk, P, D, GROUP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
     lse2 = tl.load(LSE + row_base + rows, mask=rows < Lq, other=0.0) * LOG2E
+    if HAS_BIAS:  # attn_bias: a row it hid entirely (lse -inf) gets p = 0, not exp2(-inf + inf)
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + row_base + rows, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     p_row, prefix = _prefix_source(PK, PV, PIDX, PLEN, b, g, offs_n, offs_d, stride_pkb, stride_pkh, stride_pkn,
@@ -631,14 +669,14 @@ def _attn_bwd_dq_kernel(
     for n0 in range(0, p_row, BLOCK_N):
         k, v, ok, pos, cols_g = _prefix_keys(prefix, n0, D, UPCAST)
         dq = _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2, sm_scale,
-            qk_scale, softcap, dropout_p, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+            qk_scale, softcap, dropout_p, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
     lo, hi, source = _input_source(K, V, KPM, KV_LO, KV_HI, ALIBI_OFF, b, b64, g, m_start, p_row, offs_n, offs_d,
         stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn,
         Lq, Lk, P, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW, HAS_ALIBI_OFF, BLOCK_M, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         k, v, ok, pos, cols_g = _input_keys(source, n0, rows, D, IS_CAUSAL, HAS_KPM, HAS_WINDOW, UPCAST)
         dq = _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2, sm_scale,
-            qk_scale, softcap, dropout_p, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION)
+            qk_scale, softcap, dropout_p, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
 
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
