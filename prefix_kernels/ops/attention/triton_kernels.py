@@ -2,7 +2,16 @@
 
 The prefix K/V ``[Hkv, P, D]`` and the input K/V ``[B, Hkv, Lk, D]`` are two sources of one online
 softmax: every kernel walks the prefix tiles (no masking but the P bound), then the input tiles
-(key padding, causality, sliding window), never building ``[prefix ; input]``.
+(key padding, causality, sliding window), never building ``[prefix ; input]``. The forward and dQ
+kernels share their prologue (:func:`_q_block`), the two key sources (:func:`_prefix_source`,
+:func:`_input_source`: tuples of bases, strides and bounds), the key tile of each source
+(:func:`_prefix_keys`, :func:`_input_keys`) and the scores (:func:`_scores`); each keeps its own loop per
+source, so that the compiler sees the code it saw before these helpers.
+
+Every tile is masked. An interior/edge split of the input loop (unmasked whole tiles, then masked edge
+tiles, with a constexpr on the tile helpers) was measured in the static report on 2026-12-02 and not
+kept: on Triton 3.6 the dQ tile of sm90 fp16 D64 (128x64) went from 171 to 190 registers (178 with the
+second loop masked as well), on Triton 3.8 from 174 to 176; the forward moved by -5 to +1.
 
 Optional features are constexpr flags of these kernels, not copies of them:
 - ALiBi: logit += slope[h] * position; prefix column p at p, input key j at P + j + offset[b].
@@ -171,19 +180,132 @@ def _row_prefix(PIDX, PLEN, b, P, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.const
 
 
 @triton.jit
+def _q_block(Q, ALIBI, SEED, BIAS, stride_qb, stride_qh, stride_qm, stride_qd,
+             stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
+             Hq, Lq, Lk, P, D: tl.constexpr, GROUP, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """The prologue of a query-block program, shared by the forward and the dQ pass (grid (cdiv(Lq, BLOCK_M),
+    B * Hq)): which (batch row b, query head h, kv head g, query rows) it owns, its per-head constants and the
+    query tile.
+
+    Returns (b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q): g, b64 and
+    h64 in int64; row_base the global row of query 0 of (b, h) and n_cols = P + Lk (dropout indices); slope2 the
+    ALiBi slope in base 2; bias what :func:`_scores` reads of attn_bias: ((b, h)'s base, Lq, row and column
+    strides).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    g = (h // GROUP).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    rows = m_start + tl.arange(0, BLOCK_M)
+    # Registers depend on the order of these definitions: offs_n and n_cols defined later cost the forward
+    # decode tile (sm90 bf16 D32) 15 more; the prefix source read before dO (in this helper) cost the dQ
+    # tile (sm90 16-bit D64, Triton 3.6) 3 more. The kernels call _prefix_source after their own loads.
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_base = pid_bh.to(tl.int64) * Lq
+    n_cols = P + Lk
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + h) * LOG2E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    bias = (BIAS + b64 * stride_bias_b + h64 * stride_bias_h, Lq, stride_bias_m, stride_bias_n)  # attn_bias
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
+    return b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q
+
+
+@triton.jit
+def _prefix_source(PK, PV, PIDX, PLEN, b, g, offs_n, offs_d, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+                   stride_pvb, stride_pvh, stride_pvn, stride_pvd, P,
+                   HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """The prefix as the first key source of a query block of batch row b: (p_row, source), the row's prefix
+    length (:func:`_row_prefix`) and what :func:`_prefix_keys` reads: (K base, V base of the row's bank entry and
+    kv head g, their row and head-dim strides, p_row, offs_n, offs_d)."""
+    n, p_row = _row_prefix(PIDX, PLEN, b, P, HAS_INDEX, HAS_LENGTHS)
+    prefix = (PK + n.to(tl.int64) * stride_pkb + g * stride_pkh, PV + n.to(tl.int64) * stride_pvb + g * stride_pvh,
+              stride_pkn, stride_pkd, stride_pvn, stride_pvd, p_row, offs_n, offs_d)
+    return p_row, prefix
+
+
+@triton.jit
+def _input_source(K, V, KPM, KV_LO, KV_HI, ALIBI_OFF, b, b64, g, m_start, p_row, offs_n, offs_d,
+                  stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                  stride_mb, stride_mn, Lq, Lk, P, window, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_ALIBI_OFF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The input keys as the second key source of a query block: (lo, hi, source), the columns [lo, hi) the
+    block may see (:func:`_input_col_range`), and what :func:`_input_keys` reads: (K base, V base, their row
+    and head-dim strides, the padding-mask row and its stride, the ALiBi position of input key 0, P, Lq, Lk,
+    window, offs_n, offs_d)."""
+    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
+                              BLOCK_M, BLOCK_N)
+    pos_base = p_row
+    if HAS_ALIBI_OFF:
+        pos_base = p_row + tl.load(ALIBI_OFF + b).to(tl.int32)
+    source = (K + b64 * stride_kb + g * stride_kh, V + b64 * stride_vb + g * stride_vh, stride_kn, stride_kd,
+              stride_vn, stride_vd, KPM + b64 * stride_mb, stride_mn, pos_base, P, Lq, Lk, window, offs_n, offs_d)
+    return lo, hi, source
+
+
+@triton.jit
+def _prefix_keys(source, n0, D: tl.constexpr, UPCAST: tl.constexpr):
+    """Prefix key tile [n0, n0 + BLOCK_N) of a query block (source from :func:`_q_block`): (k, v, ok, pos, cols_g),
+    the K and V tiles (columns past the row's prefix length read as zero), the visibility [1, BLOCK_N] (every
+    query sees the prefix), the keys' ALiBi positions and their global columns in [prefix ; input]."""
+    pk_base, pv_base, stride_pkn, stride_pkd, stride_pvn, stride_pvd, p_row, offs_n, offs_d = source
+    cols = n0 + offs_n
+    k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, p_row, D, UPCAST)
+    v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, p_row, D, UPCAST)
+    return k, v, cols[None, :] < p_row, cols.to(tl.float32), cols
+
+
+@triton.jit
+def _input_keys(source, n0, rows, D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """Input key tile [n0, n0 + BLOCK_N) of the query block ``rows`` (source from :func:`_input_source`):
+    (k, v, ok, pos, cols_g) as :func:`_prefix_keys`, with the visibility [BLOCK_M, BLOCK_N] of padding,
+    causality and window. A padded key is never read."""
+    (k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, kpm_row, stride_mn, pos_base, P, Lq, Lk, window,
+     offs_n, offs_d) = source
+    cols = n0 + offs_n
+    kept = _kept_keys(kpm_row, cols, stride_mn, Lk, HAS_KPM)
+    k = _load_kept(k_base, cols, kept, stride_kn, stride_kd, offs_d, D, UPCAST)
+    v = _load_kept(v_base, cols, kept, stride_vn, stride_vd, offs_d, D, UPCAST)
+    ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
+    return k, v, ok, (pos_base + cols).to(tl.float32), P + cols
+
+
+@triton.jit
+def _scores(q, k, pos, rows, cols_g, ok, bias, slope2, sm_scale, qk_scale, softcap, HAS_ALIBI: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of a query tile against a key tile, the forward's and the dQ pass's alike: (s, t) of
+    :func:`_logits` for q @ k^T (base 2, unmasked; t the softcap's tanh term), pos the keys' ALiBi positions,
+    plus attn_bias (``bias`` from :func:`_q_block`) at rows x cols_g, read only where ``ok``."""
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s, t = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
+    if HAS_BIAS:  # attn_bias
+        bias_bh, Lq, stride_bias_m, stride_bias_n = bias
+        s = s + _load_bias(bias_bh, rows[:, None], cols_g[None, :], ok, Lq, stride_bias_m, stride_bias_n)
+    return s, t
+
+
+@triton.jit
 def _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
-              slope2, sm_scale, qk_scale, softcap, bias_bh, Lq, stride_bias_m, stride_bias_n,
-              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+              slope2, sm_scale, qk_scale, softcap, bias,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update of (row max, row sum, accumulator) with a key tile.
 
     The row sum takes every probability; the accumulator only the kept ones (dropout rescaling by
     1 / (1 - p) is applied once at the end).
     """
-    x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    s, _ = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
-    if HAS_BIAS:  # attn_bias
-        s = s + _load_bias(bias_bh, rows[:, None], cols_g[None, :], ok, Lq, stride_bias_m, stride_bias_n)
+    s, _ = _scores(q, k, pos, rows, cols_g, ok, bias, slope2, sm_scale, qk_scale, softcap,
+                   HAS_ALIBI, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # Rows that have seen no visible key yet keep a zero shift, so exp2 never meets (-inf) - (-inf).
@@ -219,62 +341,27 @@ def _attn_fwd_kernel(
 ):
     """Grid (cdiv(Lq, BLOCK_M), B * Hq). O [B, Hq, Lq, D]; LSE [B, Hq, Lq] fp32 contiguous.
     The prefix is a bank [N, Hkv, P, D]; row b uses entry PIDX[b] (or 0) for its first p_row columns."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    g = (h // GROUP).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    m_start = pid_m * BLOCK_M
-    rows = m_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_base = pid_bh.to(tl.int64) * Lq
-    n_cols = P + Lk
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + h) * LOG2E
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    bias_bh = BIAS + b64 * stride_bias_b + h64 * stride_bias_h  # attn_bias
-
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
+    b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q = _q_block(
+        Q, ALIBI, SEED, BIAS, stride_qb, stride_qh, stride_qm, stride_qd, stride_bias_b, stride_bias_h, stride_bias_m,
+        stride_bias_n, Hq, Lq, Lk, P, D, GROUP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    n, p_row = _row_prefix(PIDX, PLEN, b, P, HAS_INDEX, HAS_LENGTHS)
-    pk_base = PK + n.to(tl.int64) * stride_pkb + g * stride_pkh
-    pv_base = PV + n.to(tl.int64) * stride_pvb + g * stride_pvh
+    p_row, prefix = _prefix_source(PK, PV, PIDX, PLEN, b, g, offs_n, offs_d, stride_pkb, stride_pkh, stride_pkn,
+        stride_pkd, stride_pvb, stride_pvh, stride_pvn, stride_pvd, P, HAS_INDEX, HAS_LENGTHS)
     for n0 in range(0, p_row, BLOCK_N):
-        cols = n0 + offs_n
-        k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, p_row, D, UPCAST)
-        v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, p_row, D, UPCAST)
-        m_i, l_i, acc = _fwd_tile(q, k, v, cols[None, :] < p_row, cols.to(tl.float32), cols, m_i, l_i, acc, rows,
-                                  row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
-                                  bias_bh, Lq, stride_bias_m, stride_bias_n,
-                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
-
-    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
-                              BLOCK_M, BLOCK_N)
-    pos_base = p_row
-    if HAS_ALIBI_OFF:
-        pos_base = p_row + tl.load(ALIBI_OFF + b).to(tl.int32)
-    k_base = K + b64 * stride_kb + g * stride_kh
-    v_base = V + b64 * stride_vb + g * stride_vh
-    kpm_row = KPM + b64 * stride_mb
+        k, v, ok, pos, cols_g = _prefix_keys(prefix, n0, D, UPCAST)
+        m_i, l_i, acc = _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
+            slope2, sm_scale, qk_scale, softcap, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE,
+            PRECISION)
+    lo, hi, source = _input_source(K, V, KPM, KV_LO, KV_HI, ALIBI_OFF, b, b64, g, m_start, p_row, offs_n, offs_d,
+        stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn,
+        Lq, Lk, P, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW, HAS_ALIBI_OFF, BLOCK_M, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        kept = _kept_keys(kpm_row, cols, stride_mn, Lk, HAS_KPM)
-        k = _load_kept(k_base, cols, kept, stride_kn, stride_kd, offs_d, D, UPCAST)
-        v = _load_kept(v_base, cols, kept, stride_vn, stride_vd, offs_d, D, UPCAST)
-        ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
-        m_i, l_i, acc = _fwd_tile(q, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, m_i, l_i, acc, rows,
-                                  row_base, seed, n_cols, dropout_p, slope2, sm_scale, qk_scale, softcap,
-                                  bias_bh, Lq, stride_bias_m, stride_bias_n,
-                                  HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
+        k, v, ok, pos, cols_g = _input_keys(source, n0, rows, D, IS_CAUSAL, HAS_KPM, HAS_WINDOW, UPCAST)
+        m_i, l_i, acc = _fwd_tile(q, k, v, ok, pos, cols_g, m_i, l_i, acc, rows, row_base, seed, n_cols, dropout_p,
+            slope2, sm_scale, qk_scale, softcap, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE,
+            PRECISION)
 
     # A row that saw no key (P = 0, every key masked) has l_i = 0: output zeros and LSE = -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -541,13 +628,11 @@ def _sum_segments_kernel(PART, SEG_OFF, OUT, n_elems, BLOCK: tl.constexpr):
 
 @triton.jit
 def _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2,
-             sm_scale, qk_scale, softcap, dropout_p, bias_bh, Lq, stride_bias_m, stride_bias_n,
-             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-             USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
-    x = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    s, t = _logits(x, pos[None, :], slope2, sm_scale, qk_scale, softcap, HAS_SOFTCAP, HAS_ALIBI, USE_LIBDEVICE)
-    if HAS_BIAS:  # attn_bias
-        s = s + _load_bias(bias_bh, rows[:, None], cols_g[None, :], ok, Lq, stride_bias_m, stride_bias_n)
+             sm_scale, qk_scale, softcap, dropout_p, bias,
+             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+             USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr):
+    s, t = _scores(q, k, pos, rows, cols_g, ok, bias, slope2, sm_scale, qk_scale, softcap,
+                   HAS_ALIBI, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
     p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
@@ -567,8 +652,7 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pkb, stride_pkh, stride_pkn, stride_pkd,
     stride_pvb, stride_pvh, stride_pvn, stride_pvd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom, stride_dod, stride_mb, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Lq, Lk, P, D: tl.constexpr, GROUP, sm_scale, qk_scale, window, softcap, dropout_p,
     stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
@@ -580,66 +664,28 @@ def _attn_bwd_dq_kernel(
     UPCAST: tl.constexpr, USE_LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ. Grid (cdiv(Lq, BLOCK_M), B * Hq); walks the same tiles as the forward."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    g = (h // GROUP).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    m_start = pid_m * BLOCK_M
-    rows = m_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_base = pid_bh.to(tl.int64) * Lq
-    n_cols = P + Lk
-    slope2 = 0.0
-    if HAS_ALIBI:
-        slope2 = tl.load(ALIBI + h) * LOG2E
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    bias_bh = BIAS + b64 * stride_bias_b + h64 * stride_bias_h  # attn_bias
-
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh, rows, stride_qm, stride_qd, offs_d, Lq, D, UPCAST)
+    b, g, b64, h64, m_start, rows, offs_n, offs_d, row_base, n_cols, slope2, seed, bias, q = _q_block(
+        Q, ALIBI, SEED, BIAS, stride_qb, stride_qh, stride_qm, stride_qd, stride_bias_b, stride_bias_h, stride_bias_m,
+        stride_bias_n, Hq, Lq, Lk, P, D, GROUP, HAS_ALIBI, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST)
     do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh, rows, stride_dom, stride_dod, offs_d, Lq, D, UPCAST)
     lse2 = tl.load(LSE + row_base + rows, mask=rows < Lq, other=0.0) * LOG2E
     if HAS_BIAS:  # attn_bias: a row it hid entirely (lse -inf) gets p = 0, not exp2(-inf + inf)
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + row_base + rows, mask=rows < Lq, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    n, p_row = _row_prefix(PIDX, PLEN, b, P, HAS_INDEX, HAS_LENGTHS)
-    pk_base = PK + n.to(tl.int64) * stride_pkb + g * stride_pkh
-    pv_base = PV + n.to(tl.int64) * stride_pvb + g * stride_pvh
+    p_row, prefix = _prefix_source(PK, PV, PIDX, PLEN, b, g, offs_n, offs_d, stride_pkb, stride_pkh, stride_pkn,
+        stride_pkd, stride_pvb, stride_pvh, stride_pvn, stride_pvd, P, HAS_INDEX, HAS_LENGTHS)
     for n0 in range(0, p_row, BLOCK_N):
-        cols = n0 + offs_n
-        k = _load_rows(pk_base, cols, stride_pkn, stride_pkd, offs_d, p_row, D, UPCAST)
-        v = _load_rows(pv_base, cols, stride_pvn, stride_pvd, offs_d, p_row, D, UPCAST)
-        dq = _dq_tile(dq, q, do, k, v, cols[None, :] < p_row, cols.to(tl.float32), cols, rows, row_base, seed,
-                      n_cols,
-                      lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
-                      bias_bh, Lq, stride_bias_m, stride_bias_n,
-                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
-
-    lo, hi = _input_col_range(KV_LO, KV_HI, b, m_start, Lq, Lk, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW,
-                              BLOCK_M, BLOCK_N)
-    pos_base = p_row
-    if HAS_ALIBI_OFF:
-        pos_base = p_row + tl.load(ALIBI_OFF + b).to(tl.int32)
-    k_base = K + b64 * stride_kb + g * stride_kh
-    v_base = V + b64 * stride_vb + g * stride_vh
-    kpm_row = KPM + b64 * stride_mb
+        k, v, ok, pos, cols_g = _prefix_keys(prefix, n0, D, UPCAST)
+        dq = _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2, sm_scale,
+            qk_scale, softcap, dropout_p, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
+    lo, hi, source = _input_source(K, V, KPM, KV_LO, KV_HI, ALIBI_OFF, b, b64, g, m_start, p_row, offs_n, offs_d,
+        stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_mb, stride_mn,
+        Lq, Lk, P, window, IS_CAUSAL, HAS_KPM, HAS_WINDOW, HAS_ALIBI_OFF, BLOCK_M, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        kept = _kept_keys(kpm_row, cols, stride_mn, Lk, HAS_KPM)
-        k = _load_kept(k_base, cols, kept, stride_kn, stride_kd, offs_d, D, UPCAST)
-        v = _load_kept(v_base, cols, kept, stride_vn, stride_vd, offs_d, D, UPCAST)
-        ok = _visible(rows[:, None], cols[None, :], kept[None, :], Lq, Lk, window, IS_CAUSAL, HAS_WINDOW)
-        dq = _dq_tile(dq, q, do, k, v, ok, (pos_base + cols).to(tl.float32), P + cols, rows, row_base, seed,
-                      n_cols, lse2, delta, slope2, sm_scale, qk_scale, softcap, dropout_p,
-                      bias_bh, Lq, stride_bias_m, stride_bias_n,
-                      HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, USE_LIBDEVICE, PRECISION, HAS_BIAS)
+        k, v, ok, pos, cols_g = _input_keys(source, n0, rows, D, IS_CAUSAL, HAS_KPM, HAS_WINDOW, UPCAST)
+        dq = _dq_tile(dq, q, do, k, v, ok, pos, cols_g, rows, row_base, seed, n_cols, lse2, delta, slope2, sm_scale,
+            qk_scale, softcap, dropout_p, bias, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP, HAS_BIAS, USE_LIBDEVICE, PRECISION)
 
     dq = dq * sm_scale
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
