@@ -253,11 +253,12 @@ def _log_of(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _MaskMemo:
     """The masks of :class:`_Fused`, made once for the calls that share what they are made of.
 
-    A mask that depends on the sizes alone (causal, no padding, no ALiBi) is kept in a small table across calls: it
-    is never written, and nothing but the sizes can change it. One made from tensors (the padding mask, the ALiBi
-    slopes and offsets, the bank selection) is remembered inside a :func:`~prefix_kernels.ops.memo.memo_scope`
-    only (a model's layers in one forward), for the same tensor objects at the same versions; the entry holds
-    them, so their ids cannot be reused while it lives."""
+    A mask that depends on the sizes and on small values alone (causality, the window, the ALiBi slopes and
+    offsets, read into the key: a model's layers each hold their own slopes tensor and Bloom makes offsets per
+    layer) is kept in a small table across calls: it is never written, and nothing but its key can change it. One
+    made from the padding mask or the bank selection is remembered inside a
+    :func:`~prefix_kernels.ops.memo.memo_scope` only (a model's layers in one forward), for the same tensor objects
+    at the same versions; the entry holds them, so their ids cannot be reused while it lives."""
 
     LIMIT = 64
 
@@ -302,34 +303,44 @@ class _Fused:
     P + Lk]`` in ``mask_dtype`` with ALiBi folded in (None when everything is visible and nothing is added);
     ``empty`` ``[B or 1, 1, G * Lq or 1]`` bool, the rows that see no key, or None when every row sees one."""
 
-    __slots__ = ("shape", "groups", "P", "q", "k", "v", "mask", "empty")
+    __slots__ = ("shape", "groups", "P", "q", "k", "v", "mask", "empty", "shared")
 
-    def __init__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, features: Features, mask_dtype):
+    def __init__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, features: Features, mask_dtype,
+                 folded: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """``folded``: q already folded (then ``q`` may be any tensor of q's shape, say a meta one); ``mask``: the
+        mask, already made (then ``empty`` is not made)."""
         B, Hq, Lq, _ = q.shape
         Hkv, Lk = k.shape[1], k.shape[2]
         G = Hq // Hkv
         self.shape, self.groups = q.shape, G
-        self.q = _fold(q, Hkv, G)
+        self.q = _fold(q, Hkv, G) if folded is None else folded
         keys = _Keys(k, v, prefix_k, prefix_v, features, key_padding_mask)
         self.P, self.k, self.v = keys.P, _unit_last(keys.k), _unit_last(keys.v)
-        # What the mask depends on: the sizes, and these tensors (a model's layers share them within a forward).
-        sources = (key_padding_mask, features.alibi_slopes, features.alibi_offsets, features.prefix_index,
-                   features.prefix_lengths)
-        key = (B, Hq, Hkv, Lq, Lk, keys.P, causal, features.sliding_window, mask_dtype, q.device,
-               torch.is_inference_mode_enabled())
+        # What the mask depends on: the sizes and small values, and these tensors (a model's layers share them
+        # within a forward).
+        sources = (key_padding_mask, features.prefix_index, features.prefix_lengths)
+        small = tuple(None if t is None else tuple(t.tolist()) for t in (features.alibi_slopes,
+                                                                         features.alibi_offsets))
+        key = (B, Hq, Hkv, Lq, Lk, keys.P, causal, features.sliding_window, mask_dtype, k.device,
+               torch.is_inference_mode_enabled(), small)
+        self.shared = all(t is None for t in sources)  # from the table of sizes: no need to keep it per call
+        if mask is not None:
+            self.mask, self.empty = mask, None
+            return
         made = _masks.get(key, sources)
         if made is None:
-            made = self._make_mask(q, keys, key_padding_mask, causal, features, mask_dtype)
+            made = self._make_mask(keys, key_padding_mask, causal, features, mask_dtype)
             _masks.put(key, sources, made)
         self.mask, self.empty = made
 
-    def _make_mask(self, q, keys: _Keys, key_padding_mask, causal, features: Features, mask_dtype):
-        B, Hq, Lq, _ = q.shape
+    def _make_mask(self, keys: _Keys, key_padding_mask, causal, features: Features, mask_dtype):
+        B, Hq, Lq, _ = self.shape
         Hkv, Lk, G = self.k.shape[1], self.k.shape[2] - keys.P, self.groups
+        device = self.k.device
         visible = keys.mask(Lq, Lk, causal, key_padding_mask, features.sliding_window)
         mask = None if visible is None else _log_of(visible, mask_dtype)
         if features.alibi_slopes is not None:  # (an additive bias on the scores goes here too)
-            pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, q.device, keys.row_len).to(mask_dtype)
+            pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, device, keys.row_len).to(mask_dtype)
             bias = features.alibi_slopes.to(mask_dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
             mask = bias if mask is None else bias + mask
         mask = None if mask is None else _fold_rows(mask, Hkv, G, Lq)
@@ -374,6 +385,18 @@ def _grads_of_keys(dk_all, dv_all, P, prefix_shape, prefix_dtype, prefix_index):
             _prefix_grad(dv_all.narrow(2, 0, P), prefix_shape, prefix_dtype, prefix_index))
 
 
+def _compact(t: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``t`` to keep for a backward: a copy of its own when it is a view into a larger storage that ``others``
+    do not share (q sliced out of a fused QKV projection whose K and V went through a cache: keeping the view would
+    keep all of QKV alive), else ``t``."""
+    storage = t.untyped_storage()
+    if storage.nbytes() <= t.numel() * t.element_size():
+        return t
+    if any(o is not None and o.untyped_storage().data_ptr() == storage.data_ptr() for o in others):
+        return t
+    return t.contiguous()
+
+
 class _FusedFunction(torch.autograd.Function):
     """The fused CPU kernels in eager training: the folded operands and the kernel's own out / LSE are kept for
     its backward (nothing is rebuilt)."""
@@ -382,16 +405,25 @@ class _FusedFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
         f, out_k, lse_k, out, _ = _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
                                                  features)
-        ctx.save_for_backward(f.q, f.k, f.v, f.mask, out_k, lse_k, features.prefix_index)
-        ctx.meta = (f.shape, f.groups, f.P, scale, None if prefix_k is None else (prefix_k.shape, prefix_k.dtype))
-        return _into(out, q)
+        # K/V over [prefix ; input] are joined again in the backward (a copy of the inputs, which are kept anyway),
+        # a mask of the table of sizes is looked up again, and the output kept is the one returned (which the next
+        # layer keeps too): only the inputs, q folded, out and the LSE are kept.
+        out = _into(out, q)
+        ctx.save_for_backward(_compact(f.q, k, v), k, v, prefix_k, prefix_v, key_padding_mask,
+                              None if f.shared else f.mask, out, lse_k)
+        ctx.meta = (f.shape, f.groups, f.P, scale, causal, features)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        fq, fk, fv, mask, out_k, lse_k, prefix_index = ctx.saved_tensors
-        shape, G, P, scale, prefix = ctx.meta
-        dq, dk_all, dv_all = _FLASH_BWD(_fold(dout, fk.shape[1], G), fq, fk, fv, out_k, lse_k, 0.0, False,
-                                        attn_mask=mask, scale=scale)
+        fq, k, v, prefix_k, prefix_v, key_padding_mask, mask, out, lse_k = ctx.saved_tensors
+        shape, G, P, scale, causal, features = ctx.meta
+        f = _Fused(torch.empty(shape, device="meta"), k, v, prefix_k, prefix_v, key_padding_mask, causal, features,
+                   fq.dtype, folded=fq, mask=mask)
+        dq, dk_all, dv_all = _FLASH_BWD(_fold(dout, k.shape[1], G), fq, f.k, f.v, _fold(out, k.shape[1], G), lse_k,
+                                        0.0, False, attn_mask=f.mask, scale=scale)
+        prefix = None if prefix_k is None else (prefix_k.shape, prefix_k.dtype)
+        prefix_index = features.prefix_index
         dq = dq.reshape(shape) if G > 1 else dq
         dk, dv, dpk, dpv = _grads_of_keys(dk_all, dv_all, P, *(prefix or (None, None)), prefix_index)
         return dq, dk, dv, dpk, dpv, None, None, None, None
