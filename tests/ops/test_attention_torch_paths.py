@@ -293,3 +293,26 @@ def test_size_only_masks_are_shared_and_never_written():
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
     want[..., 4:] = torch.zeros(9, 9).masked_fill(~causal, float("-inf")).repeat(2, 1)
     assert torch.equal(mask, want)
+
+
+def test_checks_remembered_per_kind_of_call_still_catch_bad_calls():
+    """check_inputs remembers the kinds of call that passed; a call differing in any checked size, dtype, device,
+    flag or scalar is checked again, and a remembered kind gets its scalars normalised as the check does."""
+    from prefix_kernels.ops.attention.inputs import check_inputs
+
+    q, k = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 5, 16)
+    for _ in range(2):
+        spec, features = check_inputs(q, k, k, causal=True, dropout_p=0, softcap=None)
+        assert features.dropout_p == 0.0 and isinstance(features.dropout_p, float)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        check_inputs(q, k, k, causal=True, dropout_p=1, softcap=None)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        check_inputs(q, k, k, causal=1, dropout_p=0, softcap=None)
+    with pytest.raises(TypeError, match="k.dtype"):
+        check_inputs(q, k.double(), k, causal=True, dropout_p=0, softcap=None)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        check_inputs(q, k, k, causal=True, alibi_slopes=torch.ones(3))
+    slopes = torch.ones(4)
+    assert check_inputs(q, k, k, causal=True, alibi_slopes=slopes)[1].alibi_slopes is slopes
+    other = torch.ones(4)
+    assert check_inputs(q, k, k, causal=True, alibi_slopes=other)[1].alibi_slopes is other
