@@ -254,8 +254,8 @@ def test_decode_nan_query_gives_nan():
 def test_masks_within_a_scope_see_in_place_edits(paths):
     """Within a memo scope the mask made from a padding mask is reused by the next call with the same tensor, but
     an in-place edit (a version bump) makes it again; outside a scope nothing is kept."""
-    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=9, len_k=9, prefix_len=0, head_dim=16,
-                         padding="right")
+    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=17, len_k=17, prefix_len=0, head_dim=16,
+                         padding="right")  # more queries than a decode step: the fused kernel serves
     args = [inputs[n] for n in ("q", "k", "v")]
     mask = inputs["key_padding_mask"].clone()
 

@@ -564,7 +564,9 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     no_lse = q.new_empty((B, Hq, 0), dtype=torch.float32)
     if not need_lse and _decode_serves(q, k, prefix_k, features):
         return _decode(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features), no_lse
-    if _fused_serves(q, features):
+    # A few queries over a small cache: one SDPA call over [prefix ; cache] (GQA native) has the fewest ops.
+    few = not need_lse and Lq <= DECODE_MAX_Q and _sdpa_serves(q, features)
+    if _fused_serves(q, features) and not few:
         _, _, _, out, lse = _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features)
         return _into(out, q), (lse.contiguous() if need_lse else no_lse)
     keys = _Keys(k, v, prefix_k, prefix_v, features, key_padding_mask)
