@@ -406,11 +406,12 @@ class _FusedFunction(torch.autograd.Function):
         f, out_k, lse_k, out, _ = _fused_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
                                                  features)
         # K/V over [prefix ; input] are joined again in the backward (a copy of the inputs, which are kept anyway),
-        # a mask of the table of sizes is looked up again, and the output kept is the one returned (which the next
-        # layer keeps too): only the inputs, q folded, out and the LSE are kept.
+        # and a mask of the table of sizes is looked up again: only the inputs, q folded, out and the LSE are kept.
+        # Without GQA the output kept is the one returned (which the next layer keeps too); with GQA the kernel's,
+        # folded (one more output-sized tensor kept, one copy fewer in the backward).
         out = _into(out, q)
         ctx.save_for_backward(_compact(f.q, k, v), k, v, prefix_k, prefix_v, key_padding_mask,
-                              None if f.shared else f.mask, out, lse_k)
+                              None if f.shared else f.mask, out_k if f.groups > 1 else out, lse_k)
         ctx.meta = (f.shape, f.groups, f.P, scale, causal, features)
         return out
 
@@ -420,8 +421,8 @@ class _FusedFunction(torch.autograd.Function):
         shape, G, P, scale, causal, features = ctx.meta
         f = _Fused(torch.empty(shape, device="meta"), k, v, prefix_k, prefix_v, key_padding_mask, causal, features,
                    fq.dtype, folded=fq, mask=mask)
-        dq, dk_all, dv_all = _FLASH_BWD(_fold(dout, k.shape[1], G), fq, f.k, f.v, _fold(out, k.shape[1], G), lse_k,
-                                        0.0, False, attn_mask=f.mask, scale=scale)
+        dq, dk_all, dv_all = _FLASH_BWD(_fold(dout, k.shape[1], G), fq, f.k, f.v, out, lse_k, 0.0, False,
+                                        attn_mask=f.mask, scale=scale)
         prefix = None if prefix_k is None else (prefix_k.shape, prefix_k.dtype)
         prefix_index = features.prefix_index
         dq = dq.reshape(shape) if G > 1 else dq
