@@ -16,12 +16,17 @@ Workloads (random weights from configs; nothing is downloaded):
   PEFT's SEQ_2_SEQ_LM prefix tuning with the same weights; ours in "paper" mode (encoder, decoder and
   cross-attention prefixes) reported alongside, row "prefix_kernels paper", with its ratios to PEFT too (it does
   more: three prefixed attentions per decoder layer and one per encoder layer).
+- (f) with --quick, a held-out-style Llama step (4 layers, hidden 256, GQA 8/2, batch 8, seq 128, P = 32 through
+  the MLP) also against the same model without a prefix (its step: forward and a backward through every layer to
+  the input embeddings, no optimizer).
 
 A training step is forward, backward and AdamW on the trainable parameters (the prefix, and the head PEFT trains).
 The baseline is PEFT itself wherever PEFT's path runs with the installed transformers; where it raises (PEFT 0.21.2
 with transformers 5.24 refuses BERT classification: "Model does not support past key values") the baseline is the
 same thing done by hand, as PEFT would: the prefix computed per batch row, put in a DynamicCache, ones prepended to
-the mask, the model's own attention ("eager-cache"); the row says why. Reported per path: median ms with 20/80%
+the mask, the model's own attention ("eager-cache"); the row says why. The paths of a workload are timed together,
+one call of each per round in rotating order (a loaded machine slows them alike), until the ratios settle or the
+rounds run out. Reported per path: median ms with 20/80%
 quantiles, tokens/s (training: B x L positions, padding included; generation: B x new tokens), memory and, on our
 rows, the ratios to the baseline (tokens/s and memory) and, for generation, to the model without a prefix.
 
@@ -35,6 +40,7 @@ bf16=True) and generation in bf16 weights; on a CPU everything is fp32 and our a
     python benchmarks/bench_e2e.py            # the full grid, on a GPU (not yet run on one)
     python benchmarks/bench_e2e.py --quick    # tiny models of the same families: the CPU run (about 25 s here)
     python benchmarks/bench_e2e.py --only "BERT-base train P=64" generate --reps 5 --deadline-s 200
+    python benchmarks/bench_e2e.py --quick --cpu-time  # CPU time of this process: steadier on a shared machine
 
 Writes ``e2e_<device>.json`` (this run) and appends to ``e2e_<device>.csv`` under ``--out`` as each workload is
 measured (a run cut by a time limit keeps what it measured); ``e2e_<device>.png`` plots our ratios to the baseline.
@@ -73,7 +79,7 @@ from common import (  # noqa: E402
 )
 
 import prefix_kernels as pk  # noqa: E402
-from prefix_kernels._timing import held_mib, measure  # noqa: E402
+from prefix_kernels._timing import TARGET_SPREAD, compare, held_mib, wall_timer  # noqa: E402
 from prefix_kernels.integrations.hf.reference import eager_forward, eager_greedy, peft_style_prefix  # noqa: E402
 
 # The shapes of the models users run (configs only: the weights are random).
@@ -84,6 +90,9 @@ LLAMA_1B = {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192
             "max_position_embeddings": 4096, "tie_word_embeddings": True}  # Llama-3.2-1B
 BLOOM_560M = {"vocab_size": 250880, "hidden_size": 1024, "n_layer": 24, "n_head": 16}  # bigscience/bloom-560m
 # The same families, tiny, for a CPU.
+# The held-out-style Llama of the CPU grid (issue 16).
+LLAMA_HELD_OUT = {"vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 512}
 TINY = {"bert": {"vocab_size": 1000, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                  "intermediate_size": 256, "max_position_embeddings": 256, "num_labels": 2},
         "llama": {"vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -121,6 +130,7 @@ class Workload:
     prefix: int
     projection: int = 0  # the hidden size of the P-Tuning v2 MLP; 0 = a prefix table (prefix tuning of LMs)
     new_tokens: int = 0
+    no_prefix: bool = False  # training: also time the same model without a prefix
 
     def tokens(self) -> int:
         return self.batch * (self.new_tokens if self.task == "generate" else self.seq)
@@ -152,6 +162,9 @@ def grid(size: str) -> list[Workload]:
     for family in ("llama", "bloom"):
         work.append(Workload(f"prefix {names[family]} generate {new} P={dec_prefix}", family, "generate",
                              models[family], dec_batch, dec_len, dec_prefix, new_tokens=new))
+    if size != "full":
+        work.append(Workload("prefix Llama 4x256 GQA 8/2 train P=32 MLP", "llama", "train", LLAMA_HELD_OUT, 8, 128,
+                             32, projection=64, no_prefix=True))
     return work + seq2seq_grid(size)
 
 
@@ -217,7 +230,8 @@ class Bench:
         self.device, self.size, self.meta = device, size, meta
         self.gpu = device.type == "cuda"
         self.backend = "auto" if self.gpu else "torch"  # the Triton interpreter is not a speed measurement
-        self.reps = (2, 10) if size == "full" else (1, 3)  # (warm-up, timed) calls
+        self.reps = (2, 10) if size == "full" else (1, 5)  # (warm-up, timed rounds)
+        self.timer = wall_timer(device)
         self._base_key, self._base = None, None
 
     # -- models -------------------------------------------------------------------------------------------------
@@ -273,57 +287,75 @@ class Bench:
         return model, encoder
 
     # -- measurement --------------------------------------------------------------------------------------------
-    def timed(self, w: Workload, fn, memory_fn=None) -> dict:
-        """Time ``fn``; memory: its CUDA peak on a GPU, else ``memory_fn()`` (MiB held for the backward)."""
+    def timed(self, w: Workload, fns: dict, memory_fns: dict | None = None) -> dict[str, dict]:
+        """Time the paths ``fns`` (name -> callable) together, in rotating rounds; memory: each one's CUDA peak on
+        a GPU, else ``memory_fns[name]()`` (MiB held for the backward)."""
         warmup, reps = self.reps
-        t = measure(fn, self.device, warmup=warmup, reps=reps)
-        if self.gpu:
-            memory, kind = t.peak_mib, "peak CUDA MiB above resident"
-        elif memory_fn is not None:
-            memory, kind = memory_fn(), "MiB held for backward (CPU)"
-        else:
-            memory, kind = None, "not measured (CPU)"
-        return {"median_ms": round(t.median_ms, 3), "p20_ms": round(t.p20_ms, 3), "p80_ms": round(t.p80_ms, 3),
-                "tokens_per_s": round(w.tokens() / t.median_ms * 1e3, 1),
-                "memory_mib": None if memory is None else round(memory, 2), "memory_kind": kind}
+        cmp = compare(fns, self.device, warmup=warmup, min_rounds=reps, max_rounds=6 * reps, time_cap_s=10.0,
+                      target_spread=TARGET_SPREAD, rounds_at_cap=reps, memory=self.gpu, timer=self.timer)
+        rows = {}
+        for name in fns:
+            t = cmp.timing(name)
+            memory_fn = (memory_fns or {}).get(name)
+            if self.gpu:
+                memory, kind = t.peak_mib, "peak CUDA MiB above resident"
+            elif memory_fn is not None:
+                memory, kind = memory_fn(), "MiB held for backward (CPU)"
+            else:
+                memory, kind = None, "not measured (CPU)"
+            rows[name] = {"median_ms": round(t.median_ms, 3), "p20_ms": round(t.p20_ms, 3),
+                          "p80_ms": round(t.p80_ms, 3), "tokens_per_s": round(w.tokens() / t.median_ms * 1e3, 1),
+                          "memory_mib": None if memory is None else round(memory, 2), "memory_kind": kind}
+        return rows
 
     def train_step(self, w: Workload, loss_fn, params):
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
         def step():
             with self.autocast(w):
                 loss = loss_fn()
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
         return step
 
-    def measure_train(self, w: Workload, model, loss_fn, params) -> dict:
+    def held(self, w: Workload, model, loss_fn):
         weights = list(model.parameters())
 
         def held():
             with self.autocast(w):
                 return held_mib(loss_fn, weights)
 
-        return self.timed(w, self.train_step(w, loss_fn, params), held)
+        return held
 
     # -- workloads ----------------------------------------------------------------------------------------------
     def train(self, w: Workload) -> list[dict]:
         batch = inputs(w, self.device)
-        rows = []
         model, handle = self.ours(w)
         model.train()
-        with backends_used() as seen:
-            ours = self.measure_train(w, model, lambda: model(**batch).loss, handle.trainable_parameters())
-        rows.append({"path": "prefix_kernels", "attention": "+".join(sorted(seen)), **ours})
+
+        def ours_loss():
+            return model(**batch).loss
+
+        with backends_used() as seen, self.autocast(w):
+            ours_loss()
+        fns = {"prefix_kernels": self.train_step(w, ours_loss, handle.trainable_parameters())}
+        held = {"prefix_kernels": self.held(w, model, ours_loss)}
+        attention = {"prefix_kernels": "+".join(sorted(seen))}
         state = {k: v.detach().clone() for k, v in handle.prefix_encoder.state_dict().items()}
         try:
             twin = self.peft(w, state).train()
             params = [p for p in twin.parameters() if p.requires_grad]
-            theirs = self.measure_train(w, twin, lambda: twin(**batch).loss, params)
-            baseline = "peft"
-            attention = twin.base_model.config._attn_implementation
+
+            def loss_fn():
+                return twin(**batch).loss
+
+            with self.autocast(w):
+                loss_fn()  # PEFT's path raises here where it is broken
+            baseline, model_b = "peft", twin
+            attention["peft"] = twin.base_model.config._attn_implementation
         except Exception as e:  # PEFT's path is broken for this model with this transformers: say why, use ours
             baseline = f"eager-cache (peft: {reason_of(e)})"
             twin = None
@@ -336,11 +368,25 @@ class Bench:
                 return eager_forward(reference, peft_style_prefix(encoder, w.batch), **batch).loss
 
             params = list(encoder.parameters()) + [p for p in reference.parameters() if p.requires_grad]
-            theirs = self.measure_train(w, reference, loss_fn, params)
-            attention = reference.config._attn_implementation
-        rows.append({"path": baseline.split(" ")[0], "attention": attention, **theirs})
+            model_b = reference
+            attention["eager-cache"] = reference.config._attn_implementation
+        name = baseline.split(" ")[0]
+        fns[name] = self.train_step(w, loss_fn, params)
+        held[name] = self.held(w, model_b, loss_fn)
+        if w.no_prefix:  # the same model without a prefix: a backward through every layer to the input embeddings
+            plain = copy.deepcopy(self.base(w)).train().requires_grad_(False)
+            embed = plain.get_input_embeddings()
+
+            def plain_loss():
+                embeds = embed(batch["input_ids"]).detach().requires_grad_()
+                return plain(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+            fns["no prefix"] = self.train_step(w, plain_loss, [])
+            held["no prefix"] = self.held(w, plain, plain_loss)
+            attention["no prefix"] = plain.config._attn_implementation
+        timed = self.timed(w, fns, held)
         handle.remove()
-        return [{**r, "baseline": baseline} for r in rows]
+        return [{"path": p, "attention": attention[p], **timed[p], "baseline": baseline} for p in fns]
 
     def generate(self, w: Workload) -> list[dict]:
         batch = inputs(w, self.device)
@@ -348,39 +394,40 @@ class Bench:
         options = {"max_new_tokens": w.new_tokens, "do_sample": False, "pad_token_id": 0}
         model, handle = self.ours(w)
         model.eval()
-        rows = []
 
         def check(out):
             if out.shape != (w.batch, w.seq + w.new_tokens):
                 raise RuntimeError(f"generated {tuple(out.shape)}, expected {(w.batch, w.seq + w.new_tokens)}")
 
+        def without_prefix():
+            with handle.disabled():
+                return model.generate(**prompt, **options)
+
         with torch.no_grad():
             with backends_used() as seen:
                 check(model.generate(**prompt, **options))
-            ours = self.timed(w, lambda: model.generate(**prompt, **options))
-            rows.append({"path": "prefix_kernels", "attention": "+".join(sorted(seen)), **ours})
+            fns = {"prefix_kernels": lambda: model.generate(**prompt, **options), "no prefix": without_prefix}
             with handle.disabled():
-                plain = self.timed(w, lambda: model.generate(**prompt, **options))
-                attention = model.config._attn_implementation
-            rows.append({"path": "no prefix", "attention": attention, **plain})
+                attention = {"prefix_kernels": "+".join(sorted(seen)), "no prefix": model.config._attn_implementation}
             prefix = handle.prefix().detach()
             state = {k: v.detach().clone() for k, v in handle.prefix_encoder.state_dict().items()}
             try:
                 twin = self.peft(w, state).eval()
                 check(twin.generate(**prompt, **options))
-                theirs = self.timed(w, lambda: twin.generate(**prompt, **options))
-                baseline, attention = "peft", twin.base_model.config._attn_implementation
+                baseline = "peft"
+                fns["peft"] = lambda: twin.generate(**prompt, **options)
+                attention["peft"] = twin.base_model.config._attn_implementation
             except Exception as e:  # as for training: record why, and time the prefix-in-cache loop instead
                 twin = None
                 self.free()
                 baseline = f"eager-cache (peft: {reason_of(e)})"
                 reference = copy.deepcopy(self.base(w)).eval()
-                theirs = self.timed(w, lambda: eager_greedy(reference, prefix, prompt["input_ids"],
-                                                            prompt["attention_mask"], w.new_tokens))
-                attention = reference.config._attn_implementation
-            rows.append({"path": baseline.split(" ")[0], "attention": attention, **theirs})
+                fns["eager-cache"] = lambda: eager_greedy(reference, prefix, prompt["input_ids"],
+                                                          prompt["attention_mask"], w.new_tokens)
+                attention["eager-cache"] = reference.config._attn_implementation
+            timed = self.timed(w, fns)
         handle.remove()
-        return [{**r, "baseline": baseline} for r in rows]
+        return [{"path": p, "attention": attention[p], **timed[p], "baseline": baseline} for p in fns]
 
     def run(self, w: Workload) -> list[dict]:
         common = {**self.meta, "workload": w.name, "family": w.family, "task": w.task, **w.shape(),
@@ -449,6 +496,17 @@ def seq2seq_inputs(w: Seq2SeqWorkload, device: torch.device) -> dict:
     return batch
 
 
+def _time_one(bench: Bench, w: Seq2SeqWorkload, fn) -> dict:
+    """One path timed alone (the seq2seq rows build each model in turn, freeing the last: two base-sized
+    encoder-decoders need not fit side by side)."""
+    return bench.timed(w, {"path": fn})["path"]
+
+
+def _train_one(bench: Bench, w: Seq2SeqWorkload, model, loss_fn, params) -> dict:
+    return bench.timed(w, {"path": bench.train_step(w, loss_fn, params)},
+                       {"path": bench.held(w, model, loss_fn)})["path"]
+
+
 def seq2seq_ours(bench: Bench, w: Seq2SeqWorkload, sites: str):
     model = copy.deepcopy(bench.base(w))
     config = pk.PrefixConfig(num_virtual_tokens=w.prefix, prefix_sites=sites, backend=bench.backend)
@@ -472,7 +530,7 @@ def seq2seq_train(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
     model, handle = seq2seq_ours(bench, w, "peft")
     model.train()
     with backends_used() as seen:
-        ours = bench.measure_train(w, model, lambda: model(**batch).loss, handle.trainable_parameters())
+        ours = _train_one(bench, w, model, lambda: model(**batch).loss, handle.trainable_parameters())
     rows.append({"path": "prefix_kernels", "attention": "+".join(sorted(seen)), **ours})
     state = {k: v.detach().clone() for k, v in handle.prefix_encoder.state_dict().items()}
     handle.remove()
@@ -483,7 +541,7 @@ def seq2seq_train(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
         twin = bench.peft(w, state).train()
         params = [p for p in twin.parameters() if p.requires_grad]
         peft_row = {"path": "peft", "attention": twin.base_model.config._attn_implementation,
-                    **bench.measure_train(w, twin, lambda: twin(**batch).loss, params)}
+                    **_train_one(bench, w, twin, lambda: twin(**batch).loss, params)}
         rows.append(peft_row)
         twin = None
     except Exception as e:  # PEFT's path broken with this transformers: no baseline, say why
@@ -492,7 +550,7 @@ def seq2seq_train(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
     model, handle = seq2seq_ours(bench, w, "paper")
     model.train()
     with backends_used() as seen:
-        paper = bench.measure_train(w, model, lambda: model(**batch).loss, handle.trainable_parameters())
+        paper = _train_one(bench, w, model, lambda: model(**batch).loss, handle.trainable_parameters())
     rows.append(_paper_ratios({"path": "prefix_kernels paper", "attention": "+".join(sorted(seen)), **paper},
                               peft_row))
     handle.remove()
@@ -515,10 +573,10 @@ def seq2seq_generate(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
     with torch.no_grad():
         with backends_used() as seen:
             check(model.generate(**batch, **options))
-        ours = bench.timed(w, lambda: model.generate(**batch, **options))
+        ours = _time_one(bench, w, lambda: model.generate(**batch, **options))
         rows.append({"path": "prefix_kernels", "attention": "+".join(sorted(seen)), **ours})
         with handle.disabled():
-            plain = bench.timed(w, lambda: model.generate(**batch, **options))
+            plain = _time_one(bench, w, lambda: model.generate(**batch, **options))
             plain_tokens = model.generate(**batch, **options)
         rows.append({"path": "no prefix", "attention": model.config._attn_implementation, **plain})
         ours_tokens = model.generate(**batch, **options)
@@ -537,7 +595,7 @@ def seq2seq_generate(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
             if baseline != "peft":
                 attention += "; generate() dropped its prefix"
             peft_row = {"path": "peft", "attention": attention,
-                        **bench.timed(w, lambda: twin.generate(**batch, **options))}
+                        **_time_one(bench, w, lambda: twin.generate(**batch, **options))}
             rows.append(peft_row)
             twin = None
         except Exception as e:
@@ -547,7 +605,7 @@ def seq2seq_generate(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
         model.eval()
         with backends_used() as seen:
             check(model.generate(**batch, **options))
-        paper = bench.timed(w, lambda: model.generate(**batch, **options))
+        paper = _time_one(bench, w, lambda: model.generate(**batch, **options))
         row = _paper_ratios({"path": "prefix_kernels paper", "attention": "+".join(sorted(seen)), **paper}, peft_row)
         row["time_vs_no_prefix"] = round(paper["median_ms"] / plain["median_ms"], 3)
         rows.append(row)
@@ -557,6 +615,13 @@ def seq2seq_generate(bench: Bench, w: Seq2SeqWorkload) -> list[dict]:
 
 FIELDS = ("path", "attention", "baseline", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "memory_mib",
           "memory_kind", "speed_vs_baseline", "memory_vs_baseline", "time_vs_no_prefix", "status")
+
+
+def cpu_time_timer(fn) -> float:
+    """ms of this process's CPU time spent in ``fn()``."""
+    t0 = time.process_time()
+    fn()
+    return (time.process_time() - t0) * 1e3
 
 
 def with_ratios(row: dict, rows: list[dict]) -> dict:
@@ -642,6 +707,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="*", help=SHAPES_HELP)
     parser.add_argument("--reps", type=int, help="timed calls per measurement (default 10, 3 with --quick)")
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--cpu-time", action="store_true", help="on a CPU, time by this process's CPU time instead "
+                        "of the wall clock (steadier when other jobs share the cores; with one intra-op thread)")
     parser.add_argument("--deadline-s", type=float, help=DEADLINE_HELP)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -661,6 +728,9 @@ def main(argv=None) -> int:
     bench = Bench(device, chosen, meta)
     if args.reps:
         bench.reps = (1, args.reps)
+    if args.cpu_time and device.type == "cpu":
+        bench.timer = cpu_time_timer
+        meta["clock"] = "process CPU time"
     progress = Progress(len(workloads), "bench_e2e")
     stem = os.path.join(args.out, f"e2e_{slug(meta['device'])}")
     sink = RowSink(stem, meta, targets=TARGETS)

@@ -54,6 +54,9 @@ def test_bench_e2e_quick_writes_rows_and_plot(tmp_path):
     assert {"device", "torch", "transformers", "commit"} <= set(run["meta"])
     workloads = {r["workload"] for r in run["rows"]}
     assert {r["workload"] for r in run["rows"] if r["path"] == "prefix_kernels"} == workloads
+    # a workload that raises becomes an "error: ..." row rather than a crash: on this CPU every one must run
+    failed = [(r["workload"], r["path"], r["status"]) for r in run["rows"] if r["status"] != "ok"]
+    assert not failed, failed
     assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
 
 

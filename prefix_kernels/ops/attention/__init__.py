@@ -108,7 +108,16 @@ def prefix_attention(
         prefix_k = prefix_v = None
         features = features.without_prefix()
     features = features.drawn(q.device)  # the dropout seed
-    if not grads_wanted and _plain_eager(q, k, v, prefix_k, prefix_v):
+    eager = _plain_eager(q, k, v, prefix_k, prefix_v)
+    if grads_wanted and eager and not return_lse:
+        # Eager training: a backend that runs its own autograd for this call (the torch backend on a CPU) skips
+        # the custom op's dispatch, as inference does below.
+        own = getattr(chosen.impl(), "autograd_forward", None)
+        out = None if own is None else own(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
+                                           spec.softmax_scale, features)
+        if out is not None:
+            return out
+    if not grads_wanted and eager:
         # Inference in eager mode (a decode loop calls this once per layer per token): the backend directly.
         # The custom op's dispatch costs about 0.1 ms of Python per call, as much as a small decode step's
         # attention; it buys nothing here, since no autograd graph is built and nothing traces the call.

@@ -70,7 +70,73 @@ def _check_values(name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> No
     _checked.put(name, t, True, (lo, hi))
 
 
+# Calls already checked, by what their checks read: the tensors' sizes, dtypes, devices and strides' unit-ness
+# aside, the scalars' values. A call whose key is here passes every check the first one passed (the checks read
+# nothing else), so only its Features are made again, from its own tensors.
+_passed: dict = {}
+_PASSED_LIMIT = 256
+# Tensor options whose checks read nothing but their type, dtype, shape and device (no values).
+_KEYABLE_TENSORS = frozenset({"alibi_slopes", "alibi_offsets"})
+_SCALARS = (bool, int, float, type(None))
+
+
+def _signature(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale, options):
+    """The key of :data:`_passed` for a call, or None when the call must be checked in full (a traced call, a
+    tensor subclass, a selection whose values are range-checked, an option of another kind)."""
+    if torch.compiler.is_compiling():
+        return None
+    parts = [causal.__class__, causal, softmax_scale.__class__, softmax_scale]
+    for t in (q, k, v, prefix_k, prefix_v, key_padding_mask):
+        if t is None:
+            parts.append(None)
+        elif type(t) is torch.Tensor:
+            parts.append((t.shape, t.dtype, t.device))
+        else:
+            return None
+    for name, value in options.items():
+        if type(value) is torch.Tensor:
+            if name not in _KEYABLE_TENSORS:
+                return None
+            parts.append((name, value.shape, value.dtype, value.device))
+        elif value is None or type(value) in _SCALARS:
+            parts.append((name, value.__class__, value))
+        else:
+            return None
+    return tuple(parts)
+
+
 def check_inputs(
+    q,
+    k,
+    v,
+    prefix_k=None,
+    prefix_v=None,
+    *,
+    causal=False,
+    key_padding_mask=None,
+    softmax_scale=None,
+    **options,
+) -> tuple[AttentionSpec, Features]:
+    """Check a prefix-attention call (see :func:`_check_inputs`), once per kind of call: a call like one that
+    passed (same sizes, dtypes, devices, flags and scalar options) is not checked again."""
+    key = _signature(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale, options)
+    hit = None if key is None else _passed.get(key)
+    if hit is not None:
+        spec, scalars = hit  # the scalar options as their checks normalised them; tensors pass through as given
+        if not options:
+            return spec, NO_FEATURES
+        return spec, Features(**{n: scalars.get(n, value) for n, value in options.items()})
+    spec, features = _check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
+                                   softmax_scale=softmax_scale, **options)
+    if key is not None:
+        if len(_passed) >= _PASSED_LIMIT:
+            _passed.clear()
+        _passed[key] = (spec, {n: getattr(features, n) for n, value in options.items()
+                               if type(value) is not torch.Tensor})
+    return spec, features
+
+
+def _check_inputs(
     q,
     k,
     v,
