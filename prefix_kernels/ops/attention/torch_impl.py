@@ -226,9 +226,10 @@ def _sdpa_serves(q: torch.Tensor, features: Features) -> bool:
 
 def _fused_serves(q: torch.Tensor, features: Features) -> bool:
     """Whether PyTorch's fused CPU kernels serve the call: CPU tensors of their dtypes, scores changed by nothing
-    but an additive mask (padding, causality, the window, a bank; ALiBi in fp32 only, for the reason above)."""
+    but an additive mask (padding, causality, the window, a bank; ALiBi in fp32 only, for the reason above).
+    attn_bias is not folded into that mask yet: the explicit path serves it."""
     return (q.device.type == "cpu" and q.dtype in _FLASH_DTYPES and _FLASH_BWD is not None
-            and features.dropout_p == 0 and features.softcap is None
+            and features.dropout_p == 0 and features.softcap is None and features.attn_bias is None
             and (features.alibi_slopes is None or q.dtype == torch.float32))
 
 
