@@ -20,7 +20,7 @@ _LAZY = {
     "apply_prefix_tuning": ".integrations.hf",
     "handle_of": ".integrations.hf",
     "supported_model_types": ".integrations.hf",
-    "load_peft_adapter": ".integrations.peft",
+    "load_peft_adapter": ".integrations.hf.reload",
     "load_peft_adapters": ".integrations.peft",
     "save_peft_adapter": ".integrations.peft",
     "from_pretrained": ".integrations.hf.reload",

@@ -258,13 +258,8 @@ def load_peft_adapter(model, directory: str | os.PathLike, *, is_trainable: bool
             ``modules_to_save`` with missing or misshapen weights, or weights for nothing in the model; the message
             names the file and what is wrong.
     """
-    from .hf.checkpoint import PK_CONFIG_NAME
-
-    folder = os.fspath(directory)
-    if not os.path.isfile(os.path.join(folder, CONFIG_NAME)) and os.path.isfile(os.path.join(folder, PK_CONFIG_NAME)):
-        from .hf.reload import from_pretrained  # what save_peft_adapter writes for prefix_sites="paper"
-
-        return from_pretrained(model, folder, is_trainable=is_trainable)
+    # The public pk.load_peft_adapter (integrations/hf/reload.py) sends a prefix_kernels checkpoint -- what
+    # save_peft_adapter writes for prefix_sites="paper" -- to from_pretrained before it comes here.
     return _load(model, {None: directory}, is_trainable=is_trainable, backend=backend)
 
 

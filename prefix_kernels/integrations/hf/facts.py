@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+
+class UnsupportedModelError(TypeError):
+    """The model's family has no adapter, or its structure is not what the adapter expects."""
+
 # Where applying puts things on the model: the prefix encoder submodule, and the handle (an instance attribute).
 ENCODER_NAME = "prefix_encoder"
 HANDLE_ATTR = "_prefix_kernels_handle"

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .bloom import bloom_attention_forward
+from .facts import UnsupportedModelError
 from .positions import PositionSpec
 from .seq2seq import Site
-
-
-class UnsupportedModelError(TypeError):
-    """The model's family has no adapter, or its structure is not what the adapter expects."""
 
 
 @dataclass(frozen=True)

@@ -141,3 +141,17 @@ def _load_tensors(handle: PrefixHandle, tensors: dict[str, torch.Tensor], weight
                 raise ValueError(f"{weights}: {key} is a buffer outside the prefix encoder and the heads; only "
                                  "trained parameters are saved there")
     _write_parameters(handle, others)  # BitFit's biases: the model's own values come back on handle.remove()
+
+
+def load_peft_adapter(model, directory, *, is_trainable: bool = False, backend: str = "auto") -> PrefixHandle:
+    """Prefix-tune ``model`` with an adapter directory: one PEFT (or ``save_peft_adapter``) wrote, loaded as PEFT
+    loads it (see :func:`prefix_kernels.integrations.peft.load_peft_adapter`), or the prefix_kernels checkpoint
+    that ``save_peft_adapter`` writes for ``prefix_sites="paper"`` (PEFT has no layout for it), reloaded exactly
+    with :func:`from_pretrained`."""
+    from .. import peft
+
+    folder = os.fspath(directory)
+    if not os.path.isfile(os.path.join(folder, peft.CONFIG_NAME)) and os.path.isfile(
+            os.path.join(folder, PK_CONFIG_NAME)):
+        return from_pretrained(model, folder, is_trainable=is_trainable)
+    return peft.load_peft_adapter(model, folder, is_trainable=is_trainable, backend=backend)

@@ -81,7 +81,7 @@ def resolve_mode(prefix_sites, model_name: str, encoder_decoder: bool) -> str | 
 
 def layout(model: nn.Module, family, mode: str) -> Layout:
     """The modules of each site the mode covers, in prefix order (encoder, decoder, cross)."""
-    from .families import UnsupportedModelError
+    from .facts import UnsupportedModelError
 
     wanted = SITE_NAMES if mode == "paper" else ("decoder",)
     base, name = model.base_model, type(model).__name__
@@ -113,7 +113,7 @@ def layout(model: nn.Module, family, mode: str) -> Layout:
 def layout_and_sizes(model: nn.Module, family, prefix_sites) -> tuple[Layout, tuple[int, int, int, int]]:
     """The layout of the sites ``prefix_sites`` covers and the prefix's ``(num_layers, heads, kv_heads,
     head_dim)``; every prefixed attention must have the same heads and head size (one prefix tensor)."""
-    from .families import UnsupportedModelError
+    from .facts import UnsupportedModelError
 
     mode = resolve_mode(prefix_sites, type(model).__name__, True)
     found = layout(model, family, mode)
@@ -131,7 +131,7 @@ def heads_and_dim(module: nn.Module) -> tuple[int, int]:
     heads = getattr(module, "num_heads", None) or getattr(module, "n_heads", None)
     dim = getattr(module, "head_dim", None) or getattr(module, "key_value_proj_dim", None)
     if heads is None or dim is None:
-        from .families import UnsupportedModelError
+        from .facts import UnsupportedModelError
 
         raise UnsupportedModelError(f"{type(module).__name__} declares neither num_heads/head_dim nor "
                                     "n_heads/key_value_proj_dim")

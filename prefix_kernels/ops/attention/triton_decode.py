@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..triton_utils import TileConfig, arch_of, cdiv, device_ctx, is_interpreting, sm_count
-from . import triton_impl
+from . import triton_launch as triton_impl  # the launch facts shared with the tiled launcher
 from .inputs import NO_FEATURES
 from .triton_kernels import _tanh
 

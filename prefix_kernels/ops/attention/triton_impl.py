@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import torch
 
-from ..memo import TensorMemo
-from ..triton_utils import TileConfig, arch_of, cdiv, device_ctx, is_interpreting, next_power_of_2, precision, sm_count
+from ..triton_utils import TileConfig, arch_of, cdiv, device_ctx, is_interpreting, sm_count
 from . import tile_overrides
 from .inputs import NO_FEATURES
+from .triton_launch import (  # noqa: F401  (re-exported: the launch facts triton_decode shares)
+    ARCHS,
+    LOG2E,
+    MAX_HEAD_DIM,
+    MAX_HEAD_DIM_FP32,
+    MAX_HEAD_DIM_FP32_GPU,
+    MIN_HEAD_DIM,
+    _as_bank,
+    _bounds_memo,
+    _common_constexprs,
+    _padding_bounds,
+    _upcast,
+    block_d,
+)
 
-LOG2E = 1.4426950408889634
-
-MIN_HEAD_DIM = 16
-MAX_HEAD_DIM = 256
-MAX_HEAD_DIM_FP32 = 128  # fp32 (3xTF32) at D = 256 spills registers at every tile size: see kernel_report
-# On a GPU, fp32 above head dim 64 spills at every tile down to 16 x 16 in the dK/dV and dQ kernels with Triton 3.6
-# and 3.8 (kernel_report); the interpreter, which has no registers, still serves it up to MAX_HEAD_DIM_FP32.
-MAX_HEAD_DIM_FP32_GPU = 64
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_prefix_dkdv", "bwd_dq")
-ARCHS = (80, 90)
 
 
 # The shipped tiles: {kernel: {largest BLOCK_D served: (block_m, block_n, num_warps, num_stages)}}, per
@@ -111,11 +115,6 @@ _BIAS_TILES = {
 VARIANTS = ("plain", "scores", "all")  # the tile classes: no score feature; score features; those and attn_bias
 
 
-def block_d(head_dim: int) -> int:
-    """Head dim padded to the power of two the kernels tile with."""
-    return max(MIN_HEAD_DIM, next_power_of_2(head_dim))
-
-
 def tile_config(kernel: str, head_dim: int, elem_bytes: int, len_q: int | None = None, arch: int = 90,
                 featured: bool = False, bias: bool = False) -> TileConfig:
     """The tile configuration shipped for ``kernel`` at this head dim, element size and architecture.
@@ -178,54 +177,12 @@ def shipped_configs():
     return rows
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return is_interpreting() and dtype == torch.bfloat16
-
-
-_bounds_memo = TensorMemo()
-
-
-def _padding_bounds(key_padding_mask: torch.Tensor | None, len_k: int):
-    """Per-row [first kept key, last kept key + 1) as int32 [B], so the kernels skip padded tiles.
-
-    Returns (mask as uint8 view, lo, hi), or dummies when there is no mask.
-    """
-    if key_padding_mask is None:
-        return None, None, None
-    bounds = _bounds_memo.get("padding_bounds", key_padding_mask, len_k)
-    if bounds is None:  # once per forward: every layer gets the same mask (about ten small launches)
-        keep = key_padding_mask.to(torch.int32)
-        any_kept = keep.amax(dim=1) > 0
-        first = torch.argmax(keep, dim=1)
-        last = len_k - torch.argmax(keep.flip(1), dim=1)
-        lo = torch.where(any_kept, first, torch.full_like(first, len_k)).to(torch.int32)
-        hi = torch.where(any_kept, last, torch.zeros_like(last)).to(torch.int32)
-        bounds = (lo, hi)
-        _bounds_memo.put("padding_bounds", key_padding_mask, bounds, len_k)
-    lo, hi = bounds
-    mask_u8 = key_padding_mask.view(torch.uint8) if key_padding_mask.is_contiguous() else key_padding_mask.to(
-        torch.uint8
-    )
-    return mask_u8, lo, hi
-
-
 def _kernels():
     """The kernels module, imported on first launch (it loads triton.language; ``import prefix_kernels`` must
     not, so that TRITON_INTERPRET can still be set after it)."""
     from . import triton_kernels
 
     return triton_kernels
-
-
-def _as_bank(prefix: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
-    """The prefix as a bank [N, Hkv, P, D] (a single prefix is a bank of one; P = 0 passes a dummy)."""
-    if prefix is None:
-        return dummy
-    return prefix if prefix.dim() == 4 else prefix.unsqueeze(0)
-
-
-def _common_constexprs(dtype: torch.dtype) -> dict:
-    return {"UPCAST": _upcast(dtype), "USE_LIBDEVICE": not is_interpreting(), "PRECISION": precision(dtype)}
 
 
 def _decode():
