@@ -103,16 +103,22 @@ class Dispatcher:
         self._decisions: dict[tuple, tuple[str, str | None]] = {}
         self._fields = tuple(f.name for f in dataclasses.fields(spec_type))
         self._device_field = self._fields.index("device")
+        # The same decisions by spec object (check_inputs hands the same spec to every call of a kind): id(spec)
+        # -> (spec, requested, environment, decision, the _decisions it came from). Holding the spec keeps its id
+        # from being reused; a new _decisions table (tests fake devices that way) invalidates every entry.
+        self._by_spec: dict[int, tuple] = {}
         _DISPATCHERS[op] = self
 
     def register(self, backend: Backend) -> None:
         """Add ``backend`` (after those registered before it, which is its preference order)."""
         self._backends[backend.name] = backend
         self._decisions.clear()
+        self._by_spec.clear()
 
     def unregister(self, name: str) -> None:
         self._backends.pop(name, None)
         self._decisions.clear()
+        self._by_spec.clear()
 
     def names(self) -> list[str]:
         """Registered backends in preference order."""
@@ -128,6 +134,19 @@ class Dispatcher:
         """The backend that serves ``spec``; see the module docstring for the rules."""
         if not isinstance(requested, str):
             raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+        if not torch.compiler.is_compiling():
+            env = self._environment()
+            hit = self._by_spec.get(id(spec))
+            if (hit is not None and hit[0] is spec and hit[1] == requested and hit[2] == env
+                    and hit[4] is self._decisions):
+                return self._backends[self._announce(hit[3])]
+            values = [getattr(spec, name) for name in self._fields]
+            values[self._device_field] = str(spec.device)
+            decision = self._decision(requested, tuple(values), env)
+            if len(self._by_spec) >= _MAX_DECISIONS:
+                self._by_spec.clear()
+            self._by_spec[id(spec)] = (spec, requested, env, decision, self._decisions)
+            return self._backends[self._announce(decision)]
         values = [getattr(spec, name) for name in self._fields]
         values[self._device_field] = str(spec.device)
         return self._backends[_select_name(self.op, requested, *values)]
@@ -140,18 +159,29 @@ class Dispatcher:
         return [{"name": b.name, "description": b.description,
                  "devices": {str(d): b.device_reasons(d) for d in devices}} for b in self._backends.values()]
 
-    def _cached(self, requested: str, fields: tuple) -> str:
-        env = tuple(os.environ.get(var) for var in self.env_vars)
-        key = (requested, fields, env, os.environ.get("TRITON_INTERPRET"), tuple(self._backends))
+    def _environment(self) -> tuple:
+        """The variables a decision reads."""
+        get = os.environ.get
+        return (*(get(var) for var in self.env_vars), get("TRITON_INTERPRET"))
+
+    def _decision(self, requested: str, fields: tuple, env: tuple) -> tuple[str, str | None]:
+        key = (requested, fields, env, tuple(self._backends))
         hit = self._decisions.get(key)
         if hit is None:
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
             hit = self._decisions[key] = self._decide(requested, fields)
-        name, warning = hit
+        return hit
+
+    @staticmethod
+    def _announce(decision: tuple[str, str | None]) -> str:
+        name, warning = decision
         if warning is not None:
             warn_once(warning)
         return name
+
+    def _cached(self, requested: str, fields: tuple) -> str:
+        return self._announce(self._decision(requested, fields, self._environment()))
 
     def _decide(self, requested: str, fields: tuple) -> tuple[str, str | None]:
         """(the backend's name, the fallback warning to raise or None); raises when an explicit backend

@@ -329,3 +329,31 @@ def test_selection_checked_once_per_forward_and_again_in_the_next():
         checked = inputs._checked.misses - misses  # the selected index and the bank's lengths, at the first layer
         assert checked == 2
         assert inputs._checked.hits - hits == checked * (layers - 1)
+
+
+def test_attention_dtype_follows_the_probe_after_casts_and_replacements():
+    """The attention dtype is read from the probe module's first parameter, whose place is remembered: a cast of
+    the model, a replaced submodule and a replaced parameter are all seen, and a forward still runs in the new
+    dtype."""
+    model = build("llama")
+    handle = apply(model)
+    state = handle.state
+    probe = state.probe
+    assert state.attention_dtype() == torch.float32
+    model.to(torch.float64)
+    assert state.attention_dtype() == torch.float64
+    owner_name, param_name = next((n.rpartition(".")[0], n.rpartition(".")[2]) for n, _ in probe.named_parameters())
+    owner = probe.get_submodule(owner_name) if owner_name else probe
+    setattr(owner, param_name, torch.nn.Parameter(getattr(owner, param_name).detach().to(torch.bfloat16)))
+    assert state.attention_dtype() == torch.bfloat16
+    if owner_name:  # a fresh submodule in the same place
+        parent_name, _, child = owner_name.rpartition(".")
+        parent = probe.get_submodule(parent_name) if parent_name else probe
+        fresh = copy.deepcopy(owner).to(torch.float16)
+        setattr(parent, child, fresh)
+        assert state.attention_dtype() == torch.float16
+    model.to(torch.float64)
+    ids, mask = batch()
+    with torch.no_grad():
+        out = outputs(model(input_ids=ids, attention_mask=mask))
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()

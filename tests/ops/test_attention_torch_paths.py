@@ -316,3 +316,86 @@ def test_checks_remembered_per_kind_of_call_still_catch_bad_calls():
     assert check_inputs(q, k, k, causal=True, alibi_slopes=slopes)[1].alibi_slopes is slopes
     other = torch.ones(4)
     assert check_inputs(q, k, k, causal=True, alibi_slopes=other)[1].alibi_slopes is other
+
+
+@pytest.fixture
+def lean(monkeypatch):
+    """Counts the calls the lean decode lane of ``infer`` served (one SDPA over the broadcast prefix, no mask)."""
+    seen = {"lean": 0}
+    sdpa = torch_impl.F.scaled_dot_product_attention
+
+    def counted(*a, **k):
+        if k.get("attn_mask") is None:
+            seen["lean"] += 1
+        return sdpa(*a, **k)
+
+    monkeypatch.setattr(torch_impl.F, "scaled_dot_product_attention", counted)
+    return seen
+
+
+LEAN_CASES = {
+    # name: (make_inputs kwargs, causal, lean lane expected)
+    "gqa-one-query-causal": (dict(heads_q=8, heads_kv=2, len_q=1, len_k=23, prefix_len=7), True, True),
+    "mha-four-queries-bidirectional": (dict(heads_q=4, heads_kv=4, len_q=4, len_k=9, prefix_len=3), False, True),
+    "mqa-no-prefix": (dict(heads_q=4, heads_kv=1, len_q=1, len_k=11, prefix_len=0), True, True),
+    "four-queries-causal": (dict(heads_q=4, heads_kv=2, len_q=4, len_k=9, prefix_len=3), True, False),
+    "padded-cache": (dict(heads_q=4, heads_kv=2, len_q=1, len_k=13, prefix_len=5, padding="left"), True, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("name", sorted(LEAN_CASES))
+def test_inference_lane_matches_the_reference(lean, name, dtype):
+    """Output-only eager calls go through ``infer``: the lean lane where every key is visible and no feature is on,
+    forward's paths otherwise; both agree with the fp64 reference."""
+    kwargs, causal, expect_lean = LEAN_CASES[name]
+    inputs = make_inputs(batch=3, head_dim=32, dtype=dtype, **kwargs)
+    out = _check(inputs, grads=False, causal=causal)["out"]
+    assert (lean["lean"] > 0) == expect_lean
+    assert out.dtype == dtype and out.shape == inputs["q"].shape
+
+
+def test_inference_lane_keeps_q_layout_and_a_full_padding_mask_costs_nothing(lean):
+    """HF passes q as a transposed view and, for an unpadded batch, a padding mask of all True: the lane serves it,
+    and the output is laid out like q wherever a dim has more than one element."""
+    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=3, len_k=10, prefix_len=4, head_dim=16)
+    q = inputs["q"].transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, Lq, D] over [B, Lq, Hq, D]
+    full = torch.ones(2, 10, dtype=torch.bool)
+    with torch.no_grad():
+        out = prefix_attention(q, inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
+                               key_padding_mask=full, backend="torch")
+    assert lean["lean"] == 1
+    assert out.stride() == q.stride()
+    ref, _ = prefix_attention_ref(q.double(), inputs["k"].double(), inputs["v"].double(),
+                                  inputs["prefix_k"].double(), inputs["prefix_v"].double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_lane_propagates_nan_queries(lean):
+    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=2, len_k=9, prefix_len=3, head_dim=16)
+    q = inputs["q"].clone()
+    q[0, 3, 1, 2] = float("nan")
+    with torch.no_grad():
+        out = prefix_attention(q, inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"], backend="torch")
+    assert lean["lean"] == 1
+    bad = torch.zeros(out.shape[:3], dtype=torch.bool)
+    bad[0, 3, 1] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+
+
+def test_calls_with_every_option_off_share_no_features():
+    """check_inputs hands the shared NO_FEATURES to a call whose options are all off (HF passes softcap=None,
+    dropout_p=0.0, ...), first call and repeats alike; an option that is on still gets its own record."""
+    from prefix_kernels.ops.attention import check_inputs
+    from prefix_kernels.ops.attention.inputs import NO_FEATURES
+
+    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=1, len_k=9, prefix_len=3, head_dim=16)
+    args = [inputs[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")]
+    off = {"softcap": None, "dropout_p": 0.0, "sliding_window": None, "prefix_index": None}
+    for _ in range(2):
+        _, features = check_inputs(*args, causal=True, **off)
+        assert features is NO_FEATURES
+    _, features = check_inputs(*args, causal=True, **{**off, "softcap": 30.0})
+    assert features is not NO_FEATURES and features.softcap == 30.0
+    with pytest.raises(ValueError, match="softcap"):
+        check_inputs(*args, causal=True, **{**off, "softcap": -1.0})

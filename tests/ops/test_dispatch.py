@@ -376,3 +376,29 @@ def test_cuda_graph_replay_follows_a_new_mask():
         torch.cuda.synchronize()
         want, _ = prefix_attention_ref(q, k, v, pk, pv, key_padding_mask=mask, prefix_index=index)
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_decisions_by_spec_follow_the_environment_and_the_table(monkeypatch):
+    """The per-spec shortcut of select() gives what the full decision gives, and is dropped when the environment
+    or the decision table changes (a spec is reused by every call of its kind)."""
+    from prefix_kernels.ops.attention import backends as attention_backends
+    from prefix_kernels.ops.attention import check_inputs
+
+    q = torch.randn(1, 2, 1, 16)
+    k = torch.randn(1, 2, 5, 16)
+    spec, _ = check_inputs(q, k, k)
+    dispatcher = attention_backends.DISPATCHER
+    monkeypatch.delenv("PREFIX_KERNELS_BACKEND", raising=False)
+    first = dispatcher.select(spec, "auto")
+    assert dispatcher.select(spec, "auto") is first
+    assert dispatcher._by_spec[id(spec)][0] is spec
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="no-such-backend"):
+        dispatcher.select(spec, "auto")
+    monkeypatch.setenv("PREFIX_KERNELS_BACKEND", "torch")
+    assert dispatcher.select(spec, "auto").name == "torch"
+    monkeypatch.delenv("PREFIX_KERNELS_BACKEND")
+    assert dispatcher.select(spec, "auto") is first
+    monkeypatch.setattr(dispatcher, "_decisions", {})  # a new table: the shortcut must not answer from the old
+    assert dispatcher.select(spec, "auto") is first
+    assert len(dispatcher._decisions) == 1

@@ -103,7 +103,10 @@ def compute_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     device = query.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    dtype = query.dtype
+    if key.dtype is dtype and value.dtype is dtype:
+        return dtype
+    return torch.promote_types(torch.promote_types(dtype, key.dtype), value.dtype)
 
 
 def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -120,7 +123,8 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return _delegate(module, slot.previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
     dtype = compute_dtype(query, key, value)
-    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if not (query.dtype is dtype and key.dtype is dtype and value.dtype is dtype):
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v, prefix_index, prefix_lengths = slot.fetch(dtype, query.shape[0])
     if scaling is None:
         scaling = query.shape[-1] ** -0.5

@@ -278,13 +278,35 @@ class PrefixState:
     def num_virtual_tokens(self) -> int:
         return self.encoder.num_virtual_tokens
 
+    def _probe_weight(self) -> torch.Tensor | None:
+        """The probe's first parameter, ``next(probe.parameters())``. Where it lives is found once and read back from
+        there on every forward (walking the module tree for it cost more than the rest of a decode step's hooks); a
+        parameter since replaced or removed there sends the lookup back to the walk."""
+        place = self.__dict__.get("_probe_place")  # (the submodule names down to its owner, its name)
+        if place is not None:
+            owner = self.probe
+            for name in place[0]:
+                owner = owner._modules.get(name)
+                if owner is None:
+                    break
+            else:
+                weight = owner._parameters.get(place[1])
+                if weight is not None:
+                    return weight
+        for path, owner in self.probe.named_modules():
+            for name, weight in owner._parameters.items():
+                if weight is not None:
+                    self._probe_place = (tuple(path.split(".")) if path else (), name)
+                    return weight
+        return None
+
     def probe_device(self) -> torch.device:
-        weight = next(self.probe.parameters(), None)
+        weight = self._probe_weight()
         return torch.device("cpu") if weight is None else weight.device
 
-    def attention_dtype(self) -> torch.dtype | None:
+    def attention_dtype(self, weight: torch.Tensor | None = None) -> torch.dtype | None:
         """The dtype q will have in the attention: the autocast dtype under autocast, else the weights' dtype."""
-        weight = next(self.probe.parameters(), None)
+        weight = self._probe_weight() if weight is None else weight
         if weight is None or not weight.is_floating_point():
             return None
         device = weight.device.type
@@ -332,9 +354,11 @@ class PrefixState:
         self._local.call = call
         self._last_call = call
         if call.enabled:
-            call.rows, call.row_lengths = self._resolve(_batch_size(args, kwargs), self.probe_device())
+            weight = self._probe_weight()
+            device = torch.device("cpu") if weight is None else weight.device
+            call.rows, call.row_lengths = self._resolve(_batch_size(args, kwargs), device)
             self._check_checkpointing()
-            dtype = self.attention_dtype()
+            dtype = self.attention_dtype(weight)
             if dtype is not None:
                 self.prefix(dtype)
         # Within one forward nothing edits the padding mask or the selection between layers: what the op derives

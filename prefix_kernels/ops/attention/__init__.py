@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .features import Features, draw_dropout_seed, with_options
+from .features import NO_FEATURES, Features, draw_dropout_seed, with_options
 from .inputs import AttentionSpec, check_inputs
 from .reference import prefix_attention_ref
 
@@ -107,7 +107,8 @@ def prefix_attention(
     if prefix_k is not None and prefix_k.shape[-2] == 0:
         prefix_k = prefix_v = None
         features = features.without_prefix()
-    features = features.drawn(q.device)  # the dropout seed
+    if features is not NO_FEATURES:
+        features = features.drawn(q.device)  # the dropout seed
     eager = _plain_eager(q, k, v, prefix_k, prefix_v)
     if grads_wanted and eager and not return_lse:
         # Eager training: a backend that runs its own autograd for this call (the torch backend on a CPU) skips
@@ -120,9 +121,14 @@ def prefix_attention(
     if not grads_wanted and eager:
         # Inference in eager mode (a decode loop calls this once per layer per token): the backend directly.
         # The custom op's dispatch costs about 0.1 ms of Python per call, as much as a small decode step's
-        # attention; it buys nothing here, since no autograd graph is built and nothing traces the call.
-        out, lse = chosen.impl().forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale,
-                                         need_lse, features)
+        # attention; it buys nothing here, since no autograd graph is built and nothing traces the call. A backend
+        # with an output-only entry (``infer``) serves calls that want no LSE through it.
+        impl = chosen.impl()
+        infer = None if need_lse else getattr(impl, "infer", None)
+        if infer is not None:
+            return infer(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale, features)
+        out, lse = impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale, need_lse,
+                                features)
     else:
         from .function import attention_fwd
 

@@ -122,8 +122,8 @@ def check_inputs(
     key = _signature(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, softmax_scale, options)
     hit = None if key is None else _passed.get(key)
     if hit is not None:
-        spec, scalars = hit  # the scalar options as their checks normalised them; tensors pass through as given
-        if not options:
+        spec, scalars, plain = hit  # the scalar options as their checks normalised them; tensors pass through
+        if plain:  # every option off (None, or its off value), as in the first call of this key
             return spec, NO_FEATURES
         return spec, Features(**{n: scalars.get(n, value) for n, value in options.items()})
     spec, features = _check_inputs(q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
@@ -131,8 +131,13 @@ def check_inputs(
     if key is not None:
         if len(_passed) >= _PASSED_LIMIT:
             _passed.clear()
+        # The key holds each option's value or, for a tensor, that it is one: a hit whose first call had every
+        # option off has them all off too, and shares NO_FEATURES (which the backends recognise by identity).
+        plain = not features.active and all(type(value) is not torch.Tensor for value in options.values())
         _passed[key] = (spec, {n: getattr(features, n) for n, value in options.items()
-                               if type(value) is not torch.Tensor})
+                               if type(value) is not torch.Tensor}, plain)
+        if plain:
+            return spec, NO_FEATURES
     return spec, features
 
 

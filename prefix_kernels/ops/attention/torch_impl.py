@@ -566,6 +566,39 @@ def _into(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is laid out like ``b``: same dtype and shape, same strides on every dim of size above 1 (a
+    size-1 dim's stride locates nothing)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    sa, sb = a.stride(), b.stride()
+    if sa == sb:
+        return True
+    n = a.shape
+    return all(n[i] == 1 or sa[i] == sb[i] for i in range(len(n)))
+
+
+def infer(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features=NO_FEATURES):
+    """out ``[B, Hq, Lq, D]`` of an output-only call in eager mode (no LSE, no autograd), laid out like q.
+
+    A decode step with no feature (at most ``DECODE_MAX_Q`` queries, one shared prefix or none, no padded key, and
+    every key visible: not causal, or causal with one query) is one SDPA over the prefix broadcast into ``[prefix ;
+    cache]``, GQA native, with no mask; past ``DECODE_MIN_CACHE`` on the CPU, :func:`_decode` merges the prefix and
+    the cache by LSE instead. Every other call is :func:`forward`'s."""
+    B, Hq, Lq = q.shape[:3]
+    if (features is NO_FEATURES and Lq <= DECODE_MAX_Q and (not causal or Lq == 1)
+            and (prefix_k is None or prefix_k.dim() == 3)):
+        key_padding_mask = _without_full_mask(key_padding_mask)
+        if key_padding_mask is None and not (prefix_k is not None and _decode_serves(q, k, prefix_k, features)):
+            if prefix_k is not None:
+                k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+                v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != k.shape[1])
+            out, _ = _propagate_nan_queries(q, out, None)
+            return out if _same_layout(out, q) else _into(out, q)
+    return forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, False, features)[0]
+
+
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse, features=NO_FEATURES):
     """out [B, Hq, Lq, D] (laid out like q), lse [B, Hq, Lq] fp32 (or [B, Hq, 0] if not need_lse)."""
     B, Hq, Lq, D = q.shape
