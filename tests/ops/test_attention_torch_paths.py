@@ -399,3 +399,40 @@ def test_calls_with_every_option_off_share_no_features():
     assert features is not NO_FEATURES and features.softcap == 30.0
     with pytest.raises(ValueError, match="softcap"):
         check_inputs(*args, causal=True, **{**off, "softcap": -1.0})
+
+
+BIAS_CASES = {
+    # name: (make_inputs kwargs, causal, bias dims kept (B, H, L = query, C = column), dropout_p)
+    "full-causal-padded": (dict(heads_q=4, heads_kv=2, len_q=9, len_k=9, prefix_len=4, padding="right"), True,
+                           "BHLC", 0.0),
+    "heads-columns-dropout": (dict(heads_q=4, heads_kv=4, len_q=7, len_k=11, prefix_len=3), False, "HC", 0.25),
+    "batch-only-gqa-dropout": (dict(heads_q=6, heads_kv=2, len_q=5, len_k=8, prefix_len=6, padding="left"), True,
+                               "BLC", 0.3),
+    "no-prefix": (dict(heads_q=4, heads_kv=2, len_q=6, len_k=10, prefix_len=0), False, "BHLC", 0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("name", sorted(BIAS_CASES))
+def test_eager_training_with_a_bias(paths, name, dtype):
+    """attn_bias (T5's position bias) in eager CPU training, with and without dropout: the fused kernels (fp32) or
+    the dropout path take it in their mask; out and all five gradients agree with the reference, which adds the
+    same bias. (Before, the dropout path dropped the bias without a word.)"""
+    kwargs, causal, dims, dropout_p = BIAS_CASES[name]
+    inputs = make_inputs(batch=3, head_dim=16, dtype=dtype, **kwargs)
+    B, Hq, Lq, _ = inputs["q"].shape
+    P = 0 if inputs["prefix_k"] is None else inputs["prefix_k"].shape[-2]
+    full = (B, Hq, Lq, P + inputs["k"].shape[2])
+    shape = tuple(n if c in dims else 1 for n, c in zip(full, "BHLC", strict=True))
+    bias = 2.0 * torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    bias = bias.masked_fill(torch.rand(shape, generator=torch.Generator().manual_seed(8)) < 0.2, float("-inf"))
+    features = {"attn_bias": bias}
+    if dropout_p > 0:
+        features["dropout_p"] = dropout_p
+    ours = _check(inputs, grads=True, causal=causal, **features)
+    served = "dropout" if dropout_p > 0 else "fused"
+    assert paths[served] == (1 if dropout_p > 0 or dtype == torch.float32 else 0)
+    without = _run(lambda *a, **k: prefix_attention(*a, backend="torch", **k), inputs, torch.ones_like(inputs["q"]),
+                   lambda t: t, False, causal=causal, **{n: f for n, f in features.items() if n != "attn_bias"})
+    if dropout_p == 0:
+        assert not torch.allclose(ours["out"], without["out"])  # the bias is not ignored

@@ -4,7 +4,7 @@ Paths, by what the call needs:
 
 - PyTorch's fused CPU flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its
   backward, SDPA's own CPU choice) whenever the scores need nothing but an additive mask: padding, causality, the
-  sliding window, a prefix bank, and ALiBi in fp32 (its bias folded into the mask). The query heads of a kv
+  sliding window, a prefix bank, and ALiBi and attn_bias in fp32 (folded into the mask). The query heads of a kv
   group are folded into the query rows (``[B, Hkv, G * Lq, D]``), so K/V are never repeated (these kernels take
   no GQA) and the kernels' dK/dV come out already summed over the group. The prefix is broadcast into one
   concatenation ``[prefix ; input]``, and the mask is built once at its broadcastable size.
@@ -21,8 +21,9 @@ In eager training (no tracing, no subclass) the fused and the dropout paths run 
 called directly (:func:`autograd_forward`), without the custom op's dispatch; otherwise the custom op runs
 :func:`forward` and :func:`backward`, which recompute the operands.
 
-An additive float bias on the scores (beside ALiBi) belongs where :class:`_Fused` adds ALiBi to the mask, and in
-:class:`_Logits` for the explicit path.
+``attn_bias`` (T5's position bias) is added to the fused kernels' mask beside ALiBi (fp32 calls; the dropout path's
+mask is fp32 whatever q's dtype), and in :class:`_Logits` on the explicit path; a row it leaves without a key
+is an empty row like any other.
 
 Non-finite inputs follow ``prefix_attention``'s rule on every path: the input keys and values that the padding
 mask drops are zeroed while K/V are assembled (never read; on the CPU without a prefix, only when the padded
@@ -226,11 +227,11 @@ def _sdpa_serves(q: torch.Tensor, features: Features) -> bool:
 
 def _fused_serves(q: torch.Tensor, features: Features) -> bool:
     """Whether PyTorch's fused CPU kernels serve the call: CPU tensors of their dtypes, scores changed by nothing
-    but an additive mask (padding, causality, the window, a bank; ALiBi in fp32 only, for the reason above).
-    attn_bias is not folded into that mask yet: the explicit path serves it."""
+    but an additive mask (padding, causality, the window, a bank; ALiBi and attn_bias in fp32 only, for the reason
+    above: both are folded into the mask, which has q's dtype)."""
     return (q.device.type == "cpu" and q.dtype in _FLASH_DTYPES and _FLASH_BWD is not None
-            and features.dropout_p == 0 and features.softcap is None and features.attn_bias is None
-            and (features.alibi_slopes is None or q.dtype == torch.float32))
+            and features.dropout_p == 0 and features.softcap is None
+            and ((features.alibi_slopes is None and features.attn_bias is None) or q.dtype == torch.float32))
 
 
 def _fold(x: torch.Tensor, heads_kv: int, groups: int) -> torch.Tensor:
@@ -327,7 +328,7 @@ class _Fused:
         self.P, self.k, self.v = keys.P, _unit_last(keys.k), _unit_last(keys.v)
         # What the mask depends on: the sizes and small values, and these tensors (a model's layers share them
         # within a forward).
-        sources = (key_padding_mask, features.prefix_index, features.prefix_lengths)
+        sources = (key_padding_mask, features.prefix_index, features.prefix_lengths, features.attn_bias)
         small = tuple(None if t is None else tuple(t.tolist()) for t in (features.alibi_slopes,
                                                                          features.alibi_offsets))
         key = (B, Hq, Hkv, Lq, Lk, keys.P, causal, features.sliding_window, mask_dtype, k.device,
@@ -352,12 +353,18 @@ class _Fused:
             pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, device, keys.row_len).to(mask_dtype)
             bias = features.alibi_slopes.to(mask_dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
             mask = bias if mask is None else bias + mask
-        mask = None if mask is None else _fold_rows(mask, Hkv, G, Lq)
+        if features.attn_bias is not None:  # [B or 1, Hq or 1, Lq or 1, P + Lk or 1]; -inf hides a key
+            bias = features.attn_bias.to(mask_dtype)
+            bias = bias.expand(*bias.shape[:-1], keys.P + Lk)
+            mask = bias if mask is None else bias + mask
+        folded = None if mask is None else _fold_rows(mask, Hkv, G, Lq)
         empty = None
+        if features.attn_bias is not None:  # the bias can leave a row without a key, prefix or not
+            empty = _fold_rows(torch.isneginf(mask).all(dim=-1, keepdim=True), Hkv, G, Lq).squeeze(-1)
         # With a prefix that every row sees (no bank selection, no lengths), no row can be left without a key.
-        if visible is not None and not (keys.P > 0 and keys.visible is None):
+        elif visible is not None and not (keys.P > 0 and keys.visible is None):
             empty = _fold_rows(~visible.any(dim=-1, keepdim=True), Hkv, G, Lq).squeeze(-1)
-        return mask, empty
+        return folded, empty
 
     def public(self, out: torch.Tensor, lse: torch.Tensor | None):
         """The kernel's folded (out, lse) as ``[B, Hq, Lq, D]`` and ``[B, Hq, Lq]`` (lse -inf on empty rows)."""
@@ -505,7 +512,7 @@ def _decode_serves(q: torch.Tensor, k: torch.Tensor, prefix_k, features: Feature
     kernel call and the merge), on the CPU."""
     return (q.shape[2] <= DECODE_MAX_Q and k.numel() >= DECODE_MIN_CACHE and prefix_k is not None
             and prefix_k.dim() == 3 and features.prefix_index is None and features.prefix_lengths is None
-            and _fused_serves(q, features))
+            and features.attn_bias is None and _fused_serves(q, features))
 
 
 def _decode(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
