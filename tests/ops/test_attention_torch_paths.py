@@ -436,3 +436,20 @@ def test_eager_training_with_a_bias(paths, name, dtype):
                    lambda t: t, False, causal=causal, **{n: f for n, f in features.items() if n != "attn_bias"})
     if dropout_p == 0:
         assert not torch.allclose(ours["out"], without["out"])  # the bias is not ignored
+
+
+def test_alibi_bias_of_a_decode_step_follows_its_offsets_and_selection():
+    """The ALiBi bias of the few-query path is shared by calls of the same sizes and values: calls that differ only
+    in their offsets, or in the bank rows' prefix lengths, each still match the reference (inside a memo scope,
+    where the shared bias is kept)."""
+    inputs = make_inputs(batch=3, heads_q=4, heads_kv=2, len_q=1, len_k=12, prefix_len=5, head_dim=16)
+    slopes = bloom_slopes(4)
+    with memo_scope():
+        for offsets in (torch.tensor([0, 0, 0]), torch.tensor([0, -3, -1]), torch.tensor([0, 0, 0])):
+            _check(inputs, grads=False, causal=True, alibi_slopes=slopes, alibi_offsets=offsets)
+        bank_k = torch.stack([inputs["prefix_k"], inputs["prefix_k"].flip(1)])
+        bank_v = torch.stack([inputs["prefix_v"], -inputs["prefix_v"]])
+        bank = {**inputs, "prefix_k": bank_k, "prefix_v": bank_v}
+        for lengths in (torch.tensor([5, 2]), torch.tensor([1, 4])):
+            _check(bank, grads=False, causal=True, alibi_slopes=slopes, prefix_index=torch.tensor([1, 0, -1]),
+                   prefix_lengths=lengths)

@@ -22,6 +22,23 @@ def _leading_pads(key_padding_mask: torch.Tensor) -> torch.Tensor:
     return key_padding_mask.to(torch.int8).argmax(dim=-1)
 
 
+def _offsets(state, key_padding_mask: torch.Tensor | None, batch: int, device: torch.device):
+    """The op's ``alibi_offsets`` ``[B]`` (or None), made once per forward for its padding mask: every layer reads
+    the same mask and the same rows' prefix lengths."""
+    extras = state.current().extras
+    made = extras.get("bloom_offsets")
+    if made is not None and made[0] is key_padding_mask:
+        return made[1]
+    offsets = None
+    if key_padding_mask is not None:
+        offsets = -_leading_pads(key_padding_mask)
+    if not state.shift_positions:
+        offsets = (torch.zeros(batch, dtype=torch.int64, device=device) if offsets is None else offsets) \
+            - state.position_offsets()
+    extras["bloom_offsets"] = (key_padding_mask, offsets)
+    return offsets
+
+
 def bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
                             output_attentions=False, **kwargs):
     """Drop-in for ``BloomAttention.forward`` (same arguments and returns), bound to one module instance."""
@@ -43,12 +60,7 @@ def bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask
     elif attention_mask is not None:
         raise ValueError("prefix tuning of Bloom takes a 2D attention_mask (padding), not a 4D or custom mask")
     # the op puts input key j at P_b + j + offset, P_b the row's prefix length (P; 0 for a row without a prefix)
-    offsets = None
-    if key_padding_mask is not None:
-        offsets = -_leading_pads(key_padding_mask)
-    if not slot.state.shift_positions:
-        offsets = (torch.zeros(batch, dtype=torch.int64, device=query.device) if offsets is None else offsets) \
-            - slot.state.position_offsets()
+    offsets = _offsets(slot.state, key_padding_mask, batch, query.device)
     slopes = slot.alibi_slopes(self.num_heads, query.device)
     dtype = compute_dtype(query, key, value)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)

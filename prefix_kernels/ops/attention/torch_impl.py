@@ -573,6 +573,27 @@ def _into(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _alibi_bias(q, B, Hq, Lk, keys: _Keys, features: Features) -> torch.Tensor:
+    """ALiBi as an additive bias ``[B, Hq, 1, P + Lk]`` in q's dtype (it depends on the key alone). On the CPU it is
+    made once for the calls that share its sizes and small values (a decode step's layers, read into the key as
+    :class:`_Fused` does), and the bank selection that sets each row's prefix length; the table's tensors are
+    never written."""
+    def make():
+        pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, q.device, keys.row_len).to(q.dtype)
+        return features.alibi_slopes.to(q.dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
+
+    if q.device.type != "cpu":
+        return make()
+    small = tuple(None if t is None else tuple(t.tolist()) for t in (features.alibi_slopes, features.alibi_offsets))
+    key = ("alibi", B, Hq, Lk, keys.P, q.dtype, torch.is_inference_mode_enabled(), small)
+    sources = (features.prefix_index, features.prefix_lengths)
+    bias = _masks.get(key, sources)
+    if bias is None:
+        bias = make()
+        _masks.put(key, sources, bias)
+    return bias
+
+
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` is laid out like ``b``: same dtype and shape, same strides on every dim of size above 1 (a
     size-1 dim's stride locates nothing)."""
@@ -632,9 +653,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_l
     attn_mask = mask
     additive = None
     if features.alibi_slopes is not None:
-        # The bias depends on the key alone: [B, Hq, 1, P + Lk].
-        pos = alibi_positions(B, Lk, keys.P, features.alibi_offsets, q.device, keys.row_len).to(q.dtype)
-        additive = features.alibi_slopes.to(q.dtype).view(1, Hq, 1, 1) * pos.view(B, 1, 1, -1)
+        additive = _alibi_bias(q, B, Hq, Lk, keys, features)
     if features.attn_bias is not None:
         bias = features.attn_bias.to(q.dtype)
         additive = bias if additive is None else additive + bias
