@@ -310,8 +310,9 @@ class _Fused:
 
     ``q`` ``[B, Hkv, G * Lq, D]`` (the query heads of a group folded into its rows); ``k``, ``v`` ``[B, Hkv, P + Lk,
     D]`` over ``[prefix ; input]``, padded keys zeroed; ``mask`` the additive mask ``[B or 1, Hkv or 1, G * Lq or 1,
-    P + Lk]`` in ``mask_dtype`` with ALiBi folded in (None when everything is visible and nothing is added);
-    ``empty`` ``[B or 1, 1, G * Lq or 1]`` bool, the rows that see no key, or None when every row sees one."""
+    P + Lk]`` in ``mask_dtype`` with ALiBi and attn_bias folded in (None when everything is visible and nothing is
+    added); ``empty`` ``[B or 1, 1 or Hkv, G * Lq or 1]`` bool, the rows that see no key (by the mask or a bias of
+    -inf), or None when every row sees one."""
 
     __slots__ = ("shape", "groups", "P", "q", "k", "v", "mask", "empty", "shared")
 
