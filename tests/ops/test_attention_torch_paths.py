@@ -251,6 +251,28 @@ def test_decode_nan_query_gives_nan():
     assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("where", ["v", "prefix_v"])
+def test_decode_merge_carries_non_finite_values_as_the_formula_does(paths, where, value):
+    """An Inf in a visible value makes that output column Inf, as softmax(S) @ V does (the LSE merge once computed
+    it as a lerp, inf - inf = NaN); a NaN makes it NaN. Every other column stays as it was."""
+    inputs = make_inputs(batch=2, heads_q=4, heads_kv=2, len_q=1, len_k=21, prefix_len=5, head_dim=16)
+    t = inputs[where].clone()
+    t[..., 3, 7] = value  # one key's (or prefix column's) value, for every batch row and kv head
+    inputs = {**inputs, where: t}
+    with torch.no_grad():
+        out = prefix_attention(inputs["q"], inputs["k"], inputs["v"], inputs["prefix_k"], inputs["prefix_v"],
+                               causal=True, backend="torch")
+        ref, _ = prefix_attention_ref(*(inputs[n].double() for n in ("q", "k", "v", "prefix_k", "prefix_v")),
+                                      causal=True)
+    assert paths["decode"] == 1
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.isinf(ref).any() or torch.isnan(ref).any()
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite].float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.sign(out[torch.isinf(ref)]), torch.sign(ref[torch.isinf(ref)]).float())
+
+
 def test_masks_within_a_scope_see_in_place_edits(paths):
     """Within a memo scope the mask made from a padding mask is reused by the next call with the same tensor, but
     an in-place edit (a version bump) makes it again; outside a scope nothing is kept."""

@@ -519,8 +519,8 @@ def _decode_serves(q: torch.Tensor, k: torch.Tensor, prefix_k, features: Feature
 def _decode(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
     """Output-only attention over ``[prefix ; cache]`` without concatenating them: the fused kernel over the cache
     (GQA folded into the rows, the mask over the cache alone) and over the prefix (every row's queries against the
-    one prefix in a single call: ``[1, Hkv, B * G * Lq, D]``), merged by their LSEs, ``out = o_prefix * w +
-    o_cache * (1 - w)`` with ``w = sigmoid(lse_prefix - lse_cache)``."""
+    one prefix in a single call: ``[1, Hkv, B * G * Lq, D]``), merged by their LSEs, ``out = o_prefix * sigmoid(d) +
+    o_cache * sigmoid(-d)`` with ``d = lse_prefix - lse_cache``."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -554,12 +554,16 @@ def _decode(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, featur
     o_pre = o_pre.view(Hkv, B, G, Lq, D).transpose(0, 1)
     lse_pre = lse_pre.reshape(Hkv, B, G, Lq).transpose(0, 1)
     o_cache = o_cache.view(B, Hkv, G, Lq, D)
-    w = torch.sigmoid(lse_pre - lse_cache.reshape(B, Hkv, G, Lq)).unsqueeze(-1)
+    # Each part's weight from its own sigmoid, and a weighted sum rather than a lerp: an Inf in a visible value
+    # stays Inf (a lerp computes inf - inf), and a part far below the other keeps a tiny weight instead of 1 - 1.
+    diff = (lse_pre - lse_cache.reshape(B, Hkv, G, Lq)).unsqueeze(-1)
+    w_pre, w_cache = torch.sigmoid(diff), torch.sigmoid(-diff)
     out = torch.empty_like(q)
     if q.dtype == torch.float32:
-        torch.lerp(o_cache, o_pre, w, out=out.unflatten(1, (Hkv, G)))
+        merged = out.unflatten(1, (Hkv, G))
+        torch.mul(o_cache, w_cache, out=merged).addcmul_(o_pre, w_pre)
     else:
-        out.unflatten(1, (Hkv, G)).copy_(torch.lerp(o_cache.float(), o_pre.float(), w))
+        out.unflatten(1, (Hkv, G)).copy_(torch.addcmul(o_cache.float() * w_cache, o_pre.float(), w_pre))
     out, _ = _propagate_nan_queries(q, out, None)
     return out
 
