@@ -183,8 +183,11 @@ def test_mask_function_geometry():
     assert m.key_padding_mask.tolist() == [[False] * 3 + [True] * 3 + [False] * 2] and m.sliding_window is None
     m = prefix_mask_interface(1, 4, 4, 0, 0, window, None, local_size=3)
     assert m.sliding_window == 3 and m.key_padding_mask is None
+    two_pads = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    m = prefix_mask_interface(2, 2, 4, 2, 1, causal_mask_function, two_pads)
+    assert m.kv_end == 3 and m.key_padding_mask.tolist() == [[False, True, True], [True] * 3]  # keys at 1..3
     m = prefix_mask_interface(2, 2, 4, 2, 1, causal_mask_function, torch.ones(2, 5, dtype=torch.bool))
-    assert m.kv_end == 3 and m.key_padding_mask.shape == (2, 3)  # keys from absolute position 1 to 3
+    assert m.kv_end == 3 and m.key_padding_mask is None  # a CPU mask that keeps every key is dropped
     assert isinstance(m, PrefixMask)
 
 

@@ -135,4 +135,7 @@ def prefix_mask_interface(batch_size: int, q_length: int, kv_length: int, q_offs
             end = min(kv_length, int(q_offset) + q_length - kv_offset)
     if pad is not None and end < pad.shape[-1]:
         pad = pad[:, :end]
+    if pad is not None and pad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(pad.all()):
+        pad = None  # generate() passes a mask for an unpadded batch too: on a CPU, where reading it costs no sync,
+        # every layer of this forward then skips the padding (transformers' own sdpa mask skips it the same way)
     return PrefixMask(pad, end, causal=pattern != "bidirectional", sliding_window=window, build_kwargs=build)
