@@ -6,7 +6,7 @@ kernels and the prefix modules), and ``apply_prefix_tuning`` / ``PrefixConfig`` 
 """
 
 from .modules import PrefixBank, PrefixEncoder
-from .ops.attention import prefix_attention, prefix_attention_ref, select_backend
+from .ops.attention import plan_prefix_attention, prefix_attention, prefix_attention_ref, select_backend
 from .ops.dispatch import BackendUnavailableError
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "init_prefix_zeros",
     "load_peft_adapter",
     "load_peft_adapters",
+    "plan_prefix_attention",
     "prefix_attention",
     "prefix_attention_ref",
     "save_peft_adapter",

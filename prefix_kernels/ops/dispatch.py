@@ -107,6 +107,8 @@ class Dispatcher:
         # -> (spec, requested, environment, decision, the _decisions it came from). Holding the spec keeps its id
         # from being reused; a new _decisions table (tests fake devices that way) invalidates every entry.
         self._by_spec: dict[int, tuple] = {}
+        # Bumped whenever the backends change (what a planned call checks: see attention/plan.py).
+        self.generation = 0
         _DISPATCHERS[op] = self
 
     def register(self, backend: Backend) -> None:
@@ -114,10 +116,12 @@ class Dispatcher:
         self._backends[backend.name] = backend
         self._decisions.clear()
         self._by_spec.clear()
+        self.generation += 1
 
     def unregister(self, name: str) -> None:
         self._backends.pop(name, None)
         self._decisions.clear()
+        self.generation += 1
         self._by_spec.clear()
 
     def names(self) -> list[str]:

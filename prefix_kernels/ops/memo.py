@@ -28,7 +28,7 @@ import weakref
 
 import torch
 
-__all__ = ["TensorMemo", "capturing", "in_memo_scope", "memo_scope"]
+__all__ = ["TensorMemo", "capturing", "in_memo_scope", "memo_scope", "scoped"]
 
 _local = threading.local()
 
@@ -70,6 +70,23 @@ class memo_scope:  # noqa: N801 (used as a function: ``with memo_scope():``)
 def in_memo_scope() -> bool:
     """Whether this thread is inside a :func:`memo_scope`."""
     return _entries() is not None
+
+
+def scoped(key, make):
+    """``make()``, made once per :func:`memo_scope` for ``key`` and served again inside it (every call outside
+    one). For what holds for the whole unit of work a scope covers, as the tensors it covers do: the environment
+    variables a backend choice reads are not changed in the middle of a model's forward."""
+    entries = _entries()
+    if entries is None:
+        return make()
+    key = ("scoped", key)
+    value = entries.get(key, _NONE)
+    if value is _NONE:
+        value = entries[key] = make()
+    return value
+
+
+_NONE = object()
 
 
 def capturing(t: torch.Tensor) -> bool:

@@ -116,3 +116,75 @@ def test_greedy_matches_peft(family):
     if not _peft_greedy_agrees(twin, theirs, mask):
         pytest.skip(f"PEFT {version}'s generate() picks tokens its own forward does not, with this transformers")
     assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------------- planned decode steps (plan.py)
+def _slots(model):
+    from prefix_kernels.integrations.hf.attention import SLOT_ATTR
+    from prefix_kernels.integrations.hf.state import PrefixSlot
+
+    return [s for m in model.modules() if isinstance(s := getattr(m, SLOT_ATTR, None), PrefixSlot)]
+
+
+def _with_logits(model, ids, mask, cache="dynamic"):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         cache_implementation=cache, pad_token_id=1, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("family,cache", [("llama", "dynamic"), ("bloom", "dynamic"), ("gemma2", "dynamic"),
+                                          ("qwen2", "static")])
+def test_decode_steps_replay_each_attentions_plan(family, cache, monkeypatch):
+    """Each prefixed attention plans its first decode call and replays the plan for the later tokens (one prefill
+    and one planning step, then NEW_TOKENS - 2 replays); the tokens and logits are exactly the unplanned path's."""
+    import prefix_kernels.integrations.hf.attention as attention
+
+    model = build(family)
+    apply(model)
+    ids, mask = batch(padding="left")
+    with torch.no_grad():
+        tokens, logits = _with_logits(model, ids, mask, cache)
+    slots = _slots(model)
+    assert slots and all(s.plan is not None and s.plan.runs == NEW_TOKENS - 2 for s in slots)
+    monkeypatch.setattr(attention, "plan_prefix_attention", lambda *args, **options: None)
+    for s in slots:
+        s.plan = None
+    with torch.no_grad():
+        unplanned = _with_logits(model, ids, mask, cache)
+    assert all(s.plan is None for s in slots)
+    assert torch.equal(unplanned[0], tokens) and torch.equal(unplanned[1], logits)
+
+
+def test_training_after_generate_takes_the_full_path():
+    """A plan never serves a call that wants gradients: after generate(), a training step's prefix gradients are
+    those of a copy that never generated, and the training calls leave no plan behind."""
+    model = build("llama")
+    apply(model)
+    twin = copy.deepcopy(model)
+    ids, mask = batch(padding="left")
+    with torch.no_grad():
+        _generate(model, ids, mask, "dynamic")
+    assert any(s.plan is not None for s in _slots(model))
+    grads = []
+    for net in (model, twin):
+        out = net(input_ids=ids, attention_mask=mask).logits
+        (out * mask.unsqueeze(-1)).square().sum().backward()
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
+    assert all(s.plan is None for s in _slots(model))
+
+
+def test_a_copy_of_a_model_that_generated_holds_no_plan():
+    """deepcopy after generate(): the copy's attentions plan afresh (a plan refers to this process's dispatcher)
+    and generate the same tokens."""
+    model = build("llama")
+    apply(model)
+    ids, mask = batch(padding="left")
+    with torch.no_grad():
+        tokens = _generate(model, ids, mask, "dynamic")
+        twin = copy.deepcopy(model)
+        assert all(s.plan is None for s in _slots(twin)) and _slots(twin)
+        assert torch.equal(_generate(twin, ids, mask, "dynamic"), tokens)
+    assert all(s.plan is not None for s in _slots(twin))

@@ -17,11 +17,25 @@ import sys
 
 import torch
 
-from ...ops.attention import prefix_attention
+from ...ops.attention import plan_prefix_attention, prefix_attention
 from .masks import PrefixMask
 
 SLOT_ATTR = "_prefix_kernels_slot"
 IMPLEMENTATION = "prefix_kernels"  # the name registered with transformers (registration.NAME)
+
+
+def planned_attention(slot, q, k, v, prefix_k, prefix_v, **options) -> torch.Tensor:
+    """``prefix_attention(q, k, v, prefix_k, prefix_v, **options)``, through the plan the slot keeps when the call
+    matches it (a decode step of the same shape as the slot's last one, the cache one token longer), else in full,
+    after which the slot plans calls like this one (or keeps no plan: training calls are never planned)."""
+    plan = getattr(slot, "plan", None)
+    if plan is not None:
+        out = plan.run(q, k, v, prefix_k, prefix_v, **options)
+        if out is not None:
+            return out
+    out = prefix_attention(q, k, v, prefix_k, prefix_v, **options)
+    slot.plan = plan_prefix_attention(q, k, v, prefix_k, prefix_v, **options)
+    return out
 
 
 def previous_attention(module: torch.nn.Module, name: str):
@@ -154,8 +168,8 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             raise NotImplementedError(f"{type(module).__name__} passes a position bias, which its family's adapter "
                                       "does not declare")
         extra["attn_bias"] = slot.attention_bias(position_bias, query, key.shape[2], prefix_k.shape[-2])
-    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask,
-                           softmax_scale=float(scaling), dropout_p=float(dropout),
-                           sliding_window=window if causal else None, softcap=softcap, prefix_index=prefix_index,
-                           prefix_lengths=prefix_lengths, backend=slot.state.backend, **extra)
+    out = planned_attention(slot, query, key, value, prefix_k, prefix_v, causal=causal,
+                            key_padding_mask=key_padding_mask, softmax_scale=float(scaling), dropout_p=float(dropout),
+                            sliding_window=window if causal else None, softcap=softcap, prefix_index=prefix_index,
+                            prefix_lengths=prefix_lengths, backend=slot.state.backend, **extra)
     return out.transpose(1, 2), None

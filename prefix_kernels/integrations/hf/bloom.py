@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...ops.attention import prefix_attention
-from .attention import SLOT_ATTR, compute_dtype
+from .attention import SLOT_ATTR, compute_dtype, planned_attention
 from .masks import PrefixMask
 
 
@@ -66,9 +65,9 @@ def bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     prefix_k, prefix_v, prefix_index, prefix_lengths = slot.fetch(dtype, batch)
     dropout = self.attention_dropout.p if self.training else 0.0
-    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=True, key_padding_mask=key_padding_mask,
-                           softmax_scale=float(self.inv_norm_factor), alibi_slopes=slopes, alibi_offsets=offsets,
-                           dropout_p=dropout, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-                           backend=slot.state.backend)
+    out = planned_attention(slot, query, key, value, prefix_k, prefix_v, causal=True,
+                            key_padding_mask=key_padding_mask, softmax_scale=float(self.inv_norm_factor),
+                            alibi_slopes=slopes, alibi_offsets=offsets, dropout_p=dropout, prefix_index=prefix_index,
+                            prefix_lengths=prefix_lengths, backend=slot.state.backend)
     out = self.dense(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
     return residual + F.dropout(out, p=self.hidden_dropout, training=self.training), None

@@ -411,6 +411,12 @@ class PrefixSlot:
         self.index = index
         self.previous = previous
         self._alibi: dict[torch.device, torch.Tensor] = {}
+        self.plan = None  # the PrefixAttentionPlan of this module's last planned call (see attention.py)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["plan"] = None  # made again at the next call: a plan refers to the dispatcher of this process
+        return state
 
     def alibi_slopes(self, num_heads: int, device: torch.device) -> torch.Tensor:
         """ALiBi slopes ``[num_heads]`` fp32 on ``device``, made once per device (for families with ALiBi)."""

@@ -7,10 +7,12 @@ import torch
 from . import backends
 from .features import NO_FEATURES, Features, draw_dropout_seed, with_options
 from .inputs import AttentionSpec, check_inputs
+from .inputs import plain_eager as _plain_eager
+from .plan import PrefixAttentionPlan, plan_prefix_attention
 from .reference import prefix_attention_ref
 
-__all__ = ["AttentionSpec", "Features", "check_inputs", "draw_dropout_seed", "dropout_keep_mask", "prefix_attention",
-           "prefix_attention_ref", "select_backend"]
+__all__ = ["AttentionSpec", "Features", "PrefixAttentionPlan", "check_inputs", "draw_dropout_seed", "dropout_keep_mask",
+           "plan_prefix_attention", "prefix_attention", "prefix_attention_ref", "select_backend"]
 
 
 def select_backend(q, k, v, prefix_k=None, prefix_v=None, *, backend="auto", **options) -> str:
@@ -135,18 +137,3 @@ def prefix_attention(
         out, lse = attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, spec.softmax_scale,
                                  chosen.name, need_lse, *features.op_args())
     return (out, lse) if return_lse else out
-
-
-def _plain_eager(*tensors) -> bool:
-    """Whether this call runs in plain eager mode: not under torch.compile or export, no dispatch mode
-    (FakeTensorMode, make_fx's proxy mode, ...) active, and plain tensors (no subclass or functorch wrapper).
-    Anything else goes through the custom op, which every tracer understands."""
-    if torch.compiler.is_compiling():
-        return False
-    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    if stack_len is None or stack_len() > 0:
-        return False
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)):
-            return False
-    return True

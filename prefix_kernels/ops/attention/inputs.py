@@ -273,3 +273,18 @@ def _check_inputs(
         prefix_count=n_prefixes,
         features=features.active,
     ), features
+
+
+def plain_eager(*tensors) -> bool:
+    """Whether this call runs in plain eager mode: not under torch.compile or export, no dispatch mode
+    (FakeTensorMode, make_fx's proxy mode, ...) active, and plain tensors (no subclass or functorch wrapper).
+    Anything else goes through the custom op, which every tracer understands."""
+    if torch.compiler.is_compiling():
+        return False
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if stack_len is None or stack_len() > 0:
+        return False
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+            return False
+    return True
