@@ -105,6 +105,8 @@ DECLINED = {
     "backend name": lambda c, o: (c[:5], {**o, "backend": "auto"}),
     "an option left out": lambda c, o: (c[:5], {n: x for n, x in o.items() if n != "softcap"}),
     "an option more": lambda c, o: (c[:5], {**o, "alibi_slopes": torch.ones(4)}),
+    "a list for the prefix": lambda c, o: ((*c[:3], c[3].tolist(), c[4]), o),
+    "a list for q": lambda c, o: ((c[0].tolist(), *c[1:5]), o),
 }
 
 

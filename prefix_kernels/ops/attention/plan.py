@@ -113,6 +113,10 @@ class PrefixAttentionPlan:
         values = tuple(options.values())
         if tuple(options) != self._names or tuple(map(type, values)) != self._types:
             return None
+        if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
+                or (prefix_k is not None and type(prefix_k) is not torch.Tensor)
+                or (prefix_v is not None and type(prefix_v) is not torch.Tensor)):
+            return None  # (a subclass or anything else: the full path checks it and says what is wrong)
         if q.shape != self.q_shape or q.dtype is not self.dtype or q.device != self.device:
             return None
         ks = k.shape
