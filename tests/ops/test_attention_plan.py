@@ -210,3 +210,23 @@ def test_planning_a_bad_call_raises_as_the_op_does():
             plan_prefix_attention(q, k, v, pk, pv, **_options(torch.ones(2, 9)))
         with pytest.raises(TypeError, match="prefix_k must be a torch.Tensor"):
             plan_prefix_attention(q, k, v, pk.tolist(), pv, **_options(None))
+
+
+def test_a_backend_without_an_output_only_entry_is_planned_through_its_forward():
+    """The Triton backend (here in the interpreter) has no ``infer``: its plan runs its forward without the LSE, with
+    prefix_attention's result, within the tolerance rule of the fp32 reference."""
+    with torch.no_grad():
+        q, k, v, pk, pv, mask = _call(padded=True)
+        options = {**_options(mask), "backend": "triton"}
+        plan = plan_prefix_attention(q, k, v, pk, pv, **options)
+        assert plan is not None and plan.backend == "triton"
+        q, k, v, pk, pv, mask = _call(Lk=12, seed=3, padded=True)
+        options = {**_options(mask), "backend": "triton"}
+        got = plan.run(q, k, v, pk, pv, **options)
+        assert got is not None and plan.runs == 1
+        assert torch.equal(got, prefix_attention(q, k, v, pk, pv, **options))
+        ref_opts = {n: x for n, x in options.items() if n not in ("backend", "dropout_p")}
+        ref, _ = prefix_attention_ref(q, k, v, pk, pv, **ref_opts)
+        base, _ = prefix_attention_ref(q, k, v, pk, pv, upcast=False, **ref_opts)
+        result = compare("out", got, ref, base, 2.0, 5 + 12)
+        assert result.ok, str(result)

@@ -31,7 +31,6 @@ from .inputs import plain_eager as _eager
 
 __all__ = ["PrefixAttentionPlan", "plan_prefix_attention"]
 
-_MISSING = object()
 _UNPLANNED_OPTIONS = ("prefix_index", "prefix_lengths")
 
 
