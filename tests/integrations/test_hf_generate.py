@@ -136,7 +136,8 @@ def _with_logits(model, ids, mask, cache="dynamic"):
                                           ("qwen2", "static")])
 def test_decode_steps_replay_each_attentions_plan(family, cache, monkeypatch):
     """Each prefixed attention plans its first decode call and replays the plan for the later tokens (one prefill
-    and one planning step, then NEW_TOKENS - 2 replays); the tokens and logits are exactly the unplanned path's."""
+    and one planning step, then NEW_TOKENS - 2 replays); a second generate() replays the prefill's plan too, and
+    every decode step's; the tokens and logits are exactly the unplanned path's."""
     import prefix_kernels.integrations.hf.attention as attention
 
     model = build(family)
@@ -145,14 +146,23 @@ def test_decode_steps_replay_each_attentions_plan(family, cache, monkeypatch):
     with torch.no_grad():
         tokens, logits = _with_logits(model, ids, mask, cache)
     slots = _slots(model)
-    assert slots and all(s.plan is not None and s.plan.runs == NEW_TOKENS - 2 for s in slots)
+    assert slots and all(_runs(s) == {1: NEW_TOKENS - 2, ids.shape[1]: 0} for s in slots)
+    with torch.no_grad():
+        again = _with_logits(model, ids, mask, cache)
+    assert all(_runs(s) == {1: 2 * NEW_TOKENS - 3, ids.shape[1]: 1} for s in slots)
+    assert torch.equal(again[0], tokens) and torch.equal(again[1], logits)
     monkeypatch.setattr(attention, "plan_prefix_attention", lambda *args, **options: None)
     for s in slots:
-        s.plan = None
+        s.plans.clear()
     with torch.no_grad():
         unplanned = _with_logits(model, ids, mask, cache)
-    assert all(s.plan is None for s in slots)
+    assert all(not s.plans for s in slots)
     assert torch.equal(unplanned[0], tokens) and torch.equal(unplanned[1], logits)
+
+
+def _runs(slot) -> dict:
+    """The query length of each plan a slot holds -> the calls it served."""
+    return {shape[2]: plan.runs for shape, plan in slot.plans.items()}
 
 
 def test_training_after_generate_takes_the_full_path():
@@ -164,7 +174,7 @@ def test_training_after_generate_takes_the_full_path():
     ids, mask = batch(padding="left")
     with torch.no_grad():
         _generate(model, ids, mask, "dynamic")
-    assert any(s.plan is not None for s in _slots(model))
+    assert all(1 in _runs(s) and ids.shape[1] in _runs(s) for s in _slots(model))
     grads = []
     for net in (model, twin):
         out = net(input_ids=ids, attention_mask=mask).logits
@@ -173,7 +183,8 @@ def test_training_after_generate_takes_the_full_path():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
-    assert all(s.plan is None for s in _slots(model))
+    # the training calls, of the prefill's shape, replaced its plan with none; the decode steps' plan is kept
+    assert all(set(_runs(s)) == {1} for s in _slots(model))
 
 
 def test_a_copy_of_a_model_that_generated_holds_no_plan():
@@ -185,6 +196,6 @@ def test_a_copy_of_a_model_that_generated_holds_no_plan():
     with torch.no_grad():
         tokens = _generate(model, ids, mask, "dynamic")
         twin = copy.deepcopy(model)
-        assert all(s.plan is None for s in _slots(twin)) and _slots(twin)
+        assert all(not s.plans for s in _slots(twin)) and _slots(twin)
         assert torch.equal(_generate(twin, ids, mask, "dynamic"), tokens)
-    assert all(s.plan is not None for s in _slots(twin))
+    assert all(_runs(s) == {1: NEW_TOKENS - 2, ids.shape[1]: 0} for s in _slots(twin))

@@ -230,3 +230,50 @@ def test_a_backend_without_an_output_only_entry_is_planned_through_its_forward()
         base, _ = prefix_attention_ref(q, k, v, pk, pv, upcast=False, **ref_opts)
         result = compare("out", got, ref, base, 2.0, 5 + 12)
         assert result.ok, str(result)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_plan_crosses_the_merge_threshold_with_prefix_attentions_result(dtype):
+    """The torch backend specialises a plan of a decode step where every key is visible (one query, no padding
+    mask): one plan serves caches below and past ``DECODE_MIN_CACHE`` (one SDPA over [prefix ; cache], then the LSE
+    merge), each exactly as prefix_attention serves it, within the tolerance rule; a NaN query gives NaN rows."""
+    from prefix_kernels.ops.attention import torch_impl
+
+    B, Hkv, D = 2, 2, 16
+    threshold = torch_impl.DECODE_MIN_CACHE // (B * Hkv * D)  # cache length from which the merge serves
+    with torch.no_grad(), memo_scope():
+        q, k, v, pk, pv, _ = _call(Lk=9, B=B, Hkv=Hkv, D=D, dtype=dtype)
+        plan = plan_prefix_attention(q, k, v, pk, pv, **_options(None))
+        assert plan is not None and plan._call is torch_impl._decode_step
+        for Lk in (10, threshold - 1, threshold, threshold + 7):
+            q, k, v, pk, pv, _ = _call(Lk=Lk, B=B, Hkv=Hkv, D=D, dtype=dtype, seed=Lk)
+            got = plan.run(q, k, v, pk, pv, **_options(None))
+            expected = prefix_attention(q, k, v, pk, pv, **_options(None))
+            assert got is not None and torch.equal(got, expected) and got.stride() == expected.stride()
+            ref_opts = {n: x for n, x in _options(None).items() if n not in ("backend", "dropout_p")}
+            ref, _ = prefix_attention_ref(q, k, v, pk, pv, **ref_opts)
+            base, _ = prefix_attention_ref(q, k, v, pk, pv, upcast=False, **ref_opts)
+            result = compare("out", got, ref, base, 2.0, 5 + Lk)
+            assert result.ok, f"Lk={Lk}: {result}"
+        for Lk in (10, threshold + 7):
+            q, k, v, pk, pv, _ = _call(Lk=Lk, B=B, Hkv=Hkv, D=D, dtype=dtype, seed=1)
+            q = q.clone()
+            q[1, 3, 0, 5] = float("nan")
+            got = plan.run(q, k, v, pk, pv, **_options(None))
+            assert got[1, 3].isnan().all() and not got[0].isnan().any() and not got[1, :3].isnan().any()
+    assert plan.runs == 6
+
+
+@pytest.mark.parametrize("what", ["padded keys", "three causal queries", "alibi"])
+def test_a_plan_of_a_call_with_a_mask_or_a_feature_is_not_specialised(what):
+    """Only the decode step where every key is visible takes the specialised call; the others keep the backend's
+    output-only entry (which decides per call)."""
+    from prefix_kernels.ops.attention import torch_impl
+
+    sizes = {"padded keys": {"padded": True}, "three causal queries": {"Lq": 3}, "alibi": {"Hkv": 4}}[what]
+    extra = {"alibi_slopes": torch.linspace(0.5, 0.05, 4), "alibi_offsets": torch.tensor([0, 1])} \
+        if what == "alibi" else {}
+    with torch.no_grad():
+        q, k, v, pk, pv, mask = _call(**sizes)
+        plan = plan_prefix_attention(q, k, v, pk, pv, **_options(mask, **extra))
+    assert plan is not None and plan._call is torch_impl.infer

@@ -24,17 +24,27 @@ SLOT_ATTR = "_prefix_kernels_slot"
 IMPLEMENTATION = "prefix_kernels"  # the name registered with transformers (registration.NAME)
 
 
+MAX_PLANS = 4  # per module: a prefill and a decode step of a generate() loop, and a few more kinds of call
+
+
 def planned_attention(slot, q, k, v, prefix_k, prefix_v, **options) -> torch.Tensor:
-    """``prefix_attention(q, k, v, prefix_k, prefix_v, **options)``, through the plan the slot keeps when the call
-    matches it (a decode step of the same shape as the slot's last one, the cache one token longer), else in full,
-    after which the slot plans calls like this one (or keeps no plan: training calls are never planned)."""
-    plan = getattr(slot, "plan", None)
+    """``prefix_attention(q, k, v, prefix_k, prefix_v, **options)``, through the plan the slot keeps for calls of
+    q's shape when the call matches it (a decode step like the slot's earlier ones, the cache longer; the prefill
+    of a prompt of a length seen before), else in full, after which the slot plans calls like this one (training
+    calls are never planned). A slot keeps the plans of its last ``MAX_PLANS`` kinds of call."""
+    plans = slot.plans
+    plan = plans.get(q.shape)
     if plan is not None:
         out = plan.run(q, k, v, prefix_k, prefix_v, **options)
         if out is not None:
             return out
     out = prefix_attention(q, k, v, prefix_k, prefix_v, **options)
-    slot.plan = plan_prefix_attention(q, k, v, prefix_k, prefix_v, **options)
+    plan = plan_prefix_attention(q, k, v, prefix_k, prefix_v, **options)
+    plans.pop(q.shape, None)
+    if plan is not None:
+        if len(plans) >= MAX_PLANS:
+            del plans[next(iter(plans))]
+        plans[q.shape] = plan
     return out
 
 

@@ -73,9 +73,10 @@ class Call:
         self.expects = True  # the forward must reach a prefixed attention
         self.depth = 1  # forwards of hooked modules open in it (a seq2seq model's stacks run inside its forward)
         self.extras: dict = {}  # what a site computes once per forward (T5's prefix-column bias)
+        self.views: dict = {}  # (dtype, grad mode) -> every layer's (prefix_k, prefix_v) views
 
 
-_PER_PROCESS = ("_local", "_lock", "_active", "_last_call")
+_PER_PROCESS = ("_local", "_lock", "_active", "_last_call", "_views")
 
 
 class PrefixState:
@@ -98,6 +99,7 @@ class PrefixState:
         self._lock = threading.Lock()
         self._active: set = set()  # the calls in flight
         self._last_call: Call | None = None
+        self._views: dict = {}  # dtype -> (a prefix no gradient flows to, its layers' views): kept across forwards
 
     def __getstate__(self):
         # per-process, per-thread state (and this forward's tensors) is neither copied nor pickled
@@ -392,6 +394,27 @@ class PrefixState:
         row_lengths = self.current().row_lengths
         return self.num_virtual_tokens if row_lengths is None else row_lengths
 
+    def layer_views(self, call: Call, dtype: torch.dtype) -> list:
+        """Every layer's ``(prefix_k, prefix_v)`` views of :meth:`prefix` (a bank's ``[N, Hkv, Pmax, D]`` each),
+        made once per forward, or once for as long as the encoder serves the same frozen prefix (decode steps)."""
+        # Views made with grad mode off carry no graph: a layer that reentrant checkpointing recomputes with grad
+        # mode on gets views of its own, through which the gradient reaches the prefix.
+        key = (dtype, torch.is_grad_enabled())
+        views = call.views.get(key)
+        if views is None:
+            prefix = self.prefix(dtype)
+            kept = self._views.get(dtype)
+            if kept is not None and kept[0] is prefix and not prefix.requires_grad:
+                views = kept[1]
+            else:
+                views = [tuple(layer.unbind(0)) for layer in prefix.unbind(0)]
+                if prefix.requires_grad:  # (not kept past its forward: it holds the step's graph)
+                    self._views.pop(dtype, None)
+                else:
+                    self._views[dtype] = (prefix, views)
+            call.views[key] = views
+        return views
+
     def prefix(self, dtype: torch.dtype) -> torch.Tensor:
         """Every layer's prefix ``[num_layers, 2, Hkv, P, D]`` (a bank: ``[num_layers, 2, N, Hkv, Pmax, D]``) in
         ``dtype``, computed once per forward."""
@@ -411,12 +434,17 @@ class PrefixSlot:
         self.index = index
         self.previous = previous
         self._alibi: dict[torch.device, torch.Tensor] = {}
-        self.plan = None  # the PrefixAttentionPlan of this module's last planned call (see attention.py)
+        self.plans: dict = {}  # q's shape -> the PrefixAttentionPlan of this module's calls (see attention.py)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["plan"] = None  # made again at the next call: a plan refers to the dispatcher of this process
+        state["plans"] = {}  # made again at the next call: a plan refers to the dispatcher of this process
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("plans", {})
+        state.pop("plan", None)  # (pickled before plans were kept per kind of call)
+        self.__dict__.update(state)
 
     def alibi_slopes(self, num_heads: int, device: torch.device) -> torch.Tensor:
         """ALiBi slopes ``[num_heads]`` fp32 on ``device``, made once per device (for families with ALiBi)."""
@@ -432,17 +460,19 @@ class PrefixSlot:
         state = self.state
         call = state.current()
         call.fetches += 1
-        layer = state.prefix(dtype)[self.index]
+        prefix_k, prefix_v = state.layer_views(call, dtype)[self.index]
         rows = call.rows
-        if rows is None and state.is_bank:  # a bank of one without a selection: its one prefix, for every row
-            return layer[0, 0], layer[1, 0], None, None
-        if rows is not None and rows.shape[0] != batch:
+        if rows is None:
+            if state.is_bank:  # a bank of one without a selection: its one prefix, for every row
+                return prefix_k[0], prefix_v[0], None, None
+            return prefix_k, prefix_v, None, None
+        if rows.shape[0] != batch:
             raise ValueError(f"the attention got a batch of {batch} rows, but the prefix selection was resolved for "
                              f"{rows.shape[0]} at the start of the forward")
         lengths = None
         if state.is_bank and not state.encoder.uniform():
-            lengths = state.encoder.prefix_lengths(layer.device)
-        return layer[0], layer[1], rows, lengths
+            lengths = state.encoder.prefix_lengths(prefix_k.device)
+        return prefix_k, prefix_v, rows, lengths
 
     def __repr__(self) -> str:
         return f"PrefixSlot(layer={self.index}, previous={self.previous!r})"

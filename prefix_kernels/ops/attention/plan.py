@@ -3,7 +3,8 @@
 A decode loop calls the op once per layer per token, and from one token to the next the calls differ in their key
 length alone. :func:`plan_prefix_attention` runs the full checks and the backend choice for such a call once and
 returns a :class:`PrefixAttentionPlan`; :meth:`PrefixAttentionPlan.run` serves a later call that matches it through
-the chosen backend's output-only entry directly, and returns None for one that does not (the caller then sends
+the chosen backend's output-only entry directly (or the call the backend's ``specialize`` made for such calls: the
+torch backend decides a decode step where every key is visible once), and returns None for one that does not (the caller then sends
 it through :func:`~prefix_kernels.ops.attention.prefix_attention`, and may plan again). FlashInfer's decode wrappers
 split plan and run the same way; here every run checks that the plan still holds.
 
@@ -65,7 +66,10 @@ def plan_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=False
     env = _environment()
     chosen = select(spec, backend)
     impl = chosen.impl()
-    call = getattr(impl, "infer", None)
+    special = getattr(impl, "specialize", None)
+    call = None if special is None else special(q, k, prefix_k, key_padding_mask, causal, features)
+    if call is None:
+        call = getattr(impl, "infer", None)
     if call is None:
         def call(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features, _forward=impl.forward):
             return _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, False, features)[0]

@@ -618,18 +618,48 @@ def infer(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features
     every key visible: not causal, or causal with one query) is one SDPA over the prefix broadcast into ``[prefix ;
     cache]``, GQA native, with no mask; past ``DECODE_MIN_CACHE`` on the CPU, :func:`_decode` merges the prefix and
     the cache by LSE instead. Every other call is :func:`forward`'s."""
-    B, Hq, Lq = q.shape[:3]
+    Lq = q.shape[2]
     if (features is NO_FEATURES and Lq <= DECODE_MAX_Q and (not causal or Lq == 1)
             and (prefix_k is None or prefix_k.dim() == 3)):
         key_padding_mask = _without_full_mask(key_padding_mask)
         if key_padding_mask is None and not (prefix_k is not None and _decode_serves(q, k, prefix_k, features)):
-            if prefix_k is not None:
-                k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
-                v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hq != k.shape[1])
-            out, _ = _propagate_nan_queries(q, out, None)
-            return out if _same_layout(out, q) else _into(out, q)
+            return _sdpa_step(q, k, v, prefix_k, prefix_v, scale)
     return forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, False, features)[0]
+
+
+def _sdpa_step(q, k, v, prefix_k, prefix_v, scale):
+    """out ``[B, Hq, Lq, D]`` (laid out like q) of a call where every query sees every key: one SDPA over the
+    prefix ``[Hkv, P, D]`` (or None) broadcast into ``[prefix ; cache]``, GQA native, no mask."""
+    if prefix_k is not None:
+        B = q.shape[0]
+        k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out, _ = _propagate_nan_queries(q, out, None)
+    return out if _same_layout(out, q) else _into(out, q)
+
+
+def _decode_step(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
+    """:func:`infer` for the calls :func:`specialize` admits, without re-deciding what it decided."""
+    if prefix_k is not None and k.numel() >= DECODE_MIN_CACHE:
+        return _decode(q, k, v, prefix_k, prefix_v, None, causal, scale, features)
+    return _sdpa_step(q, k, v, prefix_k, prefix_v, scale)
+
+
+def specialize(q, k, prefix_k, key_padding_mask, causal, features=NO_FEATURES):
+    """For :mod:`..plan`: a call with :func:`infer`'s signature that serves every later call matching this one
+    (the same sizes but the key length, dtypes, devices, flags and features; the plan checks that) with fewer
+    decisions, or None when there is nothing to spare. The decode step of a generate() loop, where every key is
+    visible (no feature, no padding mask, not causal or one query, one shared prefix or none), is decided here
+    once: what is left per call is the choice between one SDPA over ``[prefix ; cache]`` and the LSE merge of
+    :func:`_decode` past ``DECODE_MIN_CACHE`` (the one rule that reads the key length)."""
+    if not (features is NO_FEATURES and key_padding_mask is None and q.shape[2] <= DECODE_MAX_Q
+            and (not causal or q.shape[2] == 1) and (prefix_k is None or prefix_k.dim() == 3)):
+        return None
+    if prefix_k is None or not _fused_serves(q, features):  # (the merge never serves these)
+        return lambda q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features: _sdpa_step(
+            q, k, v, prefix_k, prefix_v, scale)
+    return _decode_step
 
 
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse, features=NO_FEATURES):
