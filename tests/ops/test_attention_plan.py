@@ -244,7 +244,7 @@ def test_a_decode_plan_crosses_the_merge_threshold_with_prefix_attentions_result
     with torch.no_grad(), memo_scope():
         q, k, v, pk, pv, _ = _call(Lk=9, B=B, Hkv=Hkv, D=D, dtype=dtype)
         plan = plan_prefix_attention(q, k, v, pk, pv, **_options(None))
-        assert plan is not None and plan._call is torch_impl._decode_step
+        assert plan is not None and isinstance(plan._call, torch_impl._DecodeStep)
         for Lk in (10, threshold - 1, threshold, threshold + 7):
             q, k, v, pk, pv, _ = _call(Lk=Lk, B=B, Hkv=Hkv, D=D, dtype=dtype, seed=Lk)
             got = plan.run(q, k, v, pk, pv, **_options(None))
@@ -261,7 +261,19 @@ def test_a_decode_plan_crosses_the_merge_threshold_with_prefix_attentions_result
             q[1, 3, 0, 5] = float("nan")
             got = plan.run(q, k, v, pk, pv, **_options(None))
             assert got[1, 3].isnan().all() and not got[0].isnan().any() and not got[1, :3].isnan().any()
-    assert plan.runs == 6
+        # the same prefix tensors again (the broadcast made once is reused), then written in place, then another batch
+        q, k, v, pk, pv, _ = _call(Lk=11, B=B, Hkv=Hkv, D=D, dtype=dtype, seed=2)
+        for step in range(3):
+            if step == 2:
+                pk.mul_(-1.5)
+            got = plan.run(q, k, v, pk, pv, **_options(None))
+            assert got is not None and torch.equal(got, prefix_attention(q, k, v, pk, pv, **_options(None)))
+        q1, k1, v1 = q[:1], k[:1], v[:1]
+        assert plan.run(q1, k1, v1, pk, pv, **_options(None)) is None  # (another batch: not this plan's call)
+        plan1 = plan_prefix_attention(q1, k1, v1, pk, pv, **_options(None))
+        assert torch.equal(plan1.run(q1, k1, v1, pk, pv, **_options(None)),
+                           prefix_attention(q1, k1, v1, pk, pv, **_options(None)))
+    assert plan.runs == 9
 
 
 @pytest.mark.parametrize("what", ["padded keys", "three causal queries", "alibi"])

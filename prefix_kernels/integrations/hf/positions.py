@@ -50,7 +50,10 @@ class ShiftPositions:
         offset = self.state.position_offsets()
         if isinstance(offset, torch.Tensor):
             offset = offset.view(-1, *([1] * (positions.dim() - 1))).to(positions.dtype)
-        return torch.where(positions >= self.first, positions + offset, positions)
+            return torch.where(positions >= self.first, positions + offset, positions)
+        if positions.is_floating_point():
+            return torch.where(positions >= self.first, positions + offset, positions)
+        return torch.add(positions, positions >= self.first, alpha=offset)  # (two ops: once per forward)
 
     def __call__(self, module, args, kwargs):
         if not self.state.enabled:

@@ -36,11 +36,18 @@ _UNPLANNED_OPTIONS = ("prefix_index", "prefix_lengths")
 
 
 def _environment() -> tuple:
-    return scoped(("prefix_attention", "environment"), backends.DISPATCHER._environment)
+    return scoped(_ENVIRONMENT, backends.DISPATCHER._environment)
+
+
+_ENVIRONMENT = ("prefix_attention", "environment")
 
 
 def _wants_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
 def plan_prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=False, key_padding_mask=None,
@@ -150,7 +157,12 @@ class PrefixAttentionPlan:
             values = tuple(None if type(x) is torch.Tensor else x for x in values)
         if values != self._values:
             return None
-        if _wants_grad((q, k, v, prefix_k, prefix_v)) or not _eager(q, k, v, prefix_k, prefix_v):
+        # (plain_eager and _wants_grad, spelled out: this runs once per layer per token)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+                prefix_k is not None and (prefix_k.requires_grad or prefix_v.requires_grad))):
+            return None
+        if (torch.compiler.is_compiling() or _dispatch_depth is None or _dispatch_depth() > 0 or _wrapped(q)
+                or _wrapped(k) or _wrapped(v) or (prefix_k is not None and (_wrapped(prefix_k) or _wrapped(prefix_v)))):
             return None
         dispatcher = backends.DISPATCHER
         if (backends.select is not self._select or dispatcher.generation != self._generation

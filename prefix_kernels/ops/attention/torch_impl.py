@@ -639,27 +639,51 @@ def _sdpa_step(q, k, v, prefix_k, prefix_v, scale):
     return out if _same_layout(out, q) else _into(out, q)
 
 
-def _decode_step(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
-    """:func:`infer` for the calls :func:`specialize` admits, without re-deciding what it decided."""
-    if prefix_k is not None and k.numel() >= DECODE_MIN_CACHE:
-        return _decode(q, k, v, prefix_k, prefix_v, None, causal, scale, features)
-    return _sdpa_step(q, k, v, prefix_k, prefix_v, scale)
+class _DecodeStep:
+    """:func:`infer` for the calls :func:`specialize` admits, without re-deciding what it decided: one SDPA over
+    ``[prefix ; cache]``, or the LSE merge of :func:`_decode` past ``DECODE_MIN_CACHE`` (``merge``: the fused
+    kernels serve these calls). The prefix broadcast over the batch is made again only for another prefix (a
+    decode loop's layers get the same frozen prefix views at every step)."""
+
+    __slots__ = ("merge", "_source", "_expanded")
+
+    def __init__(self, merge: bool):
+        self.merge = merge
+        self._source = self._expanded = None
+
+    def __call__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
+        if prefix_k is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        elif self.merge and k.numel() >= DECODE_MIN_CACHE:
+            return _decode(q, k, v, prefix_k, prefix_v, None, causal, scale, features)
+        else:
+            B = q.shape[0]
+            source = self._source
+            if source is not None and source[0] is prefix_k and source[1] is prefix_v and source[2] == B:
+                expanded_k, expanded_v = self._expanded
+            else:
+                expanded_k, expanded_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
+                self._source, self._expanded = (prefix_k, prefix_v, B), (expanded_k, expanded_v)
+            k = torch.cat([expanded_k, k], dim=2)
+            v = torch.cat([expanded_v, v], dim=2)
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        if not math.isnan(q.sum().item()):  # (_propagate_nan_queries, on the CPU)
+            return out if _same_layout(out, q) else _into(out, q)
+        out, _ = _propagate_nan_queries(q, out, None)
+        return out if _same_layout(out, q) else _into(out, q)
 
 
 def specialize(q, k, prefix_k, key_padding_mask, causal, features=NO_FEATURES):
     """For :mod:`..plan`: a call with :func:`infer`'s signature that serves every later call matching this one
     (the same sizes but the key length, dtypes, devices, flags and features; the plan checks that) with fewer
-    decisions, or None when there is nothing to spare. The decode step of a generate() loop, where every key is
-    visible (no feature, no padding mask, not causal or one query, one shared prefix or none), is decided here
-    once: what is left per call is the choice between one SDPA over ``[prefix ; cache]`` and the LSE merge of
-    :func:`_decode` past ``DECODE_MIN_CACHE`` (the one rule that reads the key length)."""
-    if not (features is NO_FEATURES and key_padding_mask is None and q.shape[2] <= DECODE_MAX_Q
-            and (not causal or q.shape[2] == 1) and (prefix_k is None or prefix_k.dim() == 3)):
+    decisions, or None when there is nothing to spare. The decode step of a generate() loop on the CPU, where every
+    key is visible (no feature, no padding mask, not causal or one query, one shared prefix or none), is decided
+    here once (:class:`_DecodeStep`)."""
+    if not (q.device.type == "cpu" and features is NO_FEATURES and key_padding_mask is None
+            and q.shape[2] <= DECODE_MAX_Q and (not causal or q.shape[2] == 1)
+            and (prefix_k is None or prefix_k.dim() == 3)):
         return None
-    if prefix_k is None or not _fused_serves(q, features):  # (the merge never serves these)
-        return lambda q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features: _sdpa_step(
-            q, k, v, prefix_k, prefix_v, scale)
-    return _decode_step
+    return _DecodeStep(merge=prefix_k is not None and _fused_serves(q, features))
 
 
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, need_lse, features=NO_FEATURES):
