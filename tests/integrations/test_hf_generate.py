@@ -199,3 +199,35 @@ def test_a_copy_of_a_model_that_generated_holds_no_plan():
         assert all(not s.plans for s in _slots(twin)) and _slots(twin)
         assert torch.equal(_generate(twin, ids, mask, "dynamic"), tokens)
     assert all(_runs(s) == {1: NEW_TOKENS - 2, ids.shape[1]: 0} for s in _slots(twin))
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_frozen_prefix_views_are_kept_across_forwards_until_the_prefix_changes(projection):
+    """Without grad mode the layers' prefix views are made once while the encoder serves the same frozen prefix (a
+    decode loop's steps), and made again after a parameter changes in place (an optimizer step): the logits are
+    then those of a copy that never ran; with grad mode they are made per forward and carry the graph."""
+    model = build("llama")
+    handle = apply(model, prefix_projection=projection)
+    twin = copy.deepcopy(model)
+    state = model.model.layers[0].self_attn._prefix_kernels_slot.state
+    ids, mask = batch(padding="left")
+
+    def views():
+        return state._views[next(iter(state._views))][1]
+
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        first = views()
+        model(input_ids=ids, attention_mask=mask)
+        assert views() is first
+        for encoder in (handle.prefix_encoder, twin_encoder := next(m for m in twin.modules() if type(m) is type(
+                handle.prefix_encoder))):
+            encoder.embedding.weight.mul_(-2.0).add_(0.25)
+        got = model(input_ids=ids, attention_mask=mask).logits
+        assert views() is not first
+        torch.testing.assert_close(got, twin(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+    assert twin_encoder is not handle.prefix_encoder
+    out = model(input_ids=ids, attention_mask=mask).logits
+    (out * mask.unsqueeze(-1)).square().sum().backward()
+    assert handle.prefix_encoder.embedding.weight.grad is not None
+    assert handle.prefix_encoder.embedding.weight.grad.abs().sum() > 0

@@ -399,18 +399,19 @@ class PrefixState:
         made once per forward, or once for as long as the encoder serves the same frozen prefix (decode steps)."""
         # Views made with grad mode off carry no graph: a layer that reentrant checkpointing recomputes with grad
         # mode on gets views of its own, through which the gradient reaches the prefix.
-        key = (dtype, torch.is_grad_enabled())
+        # Made with grad mode off, they are kept for as long as the encoder returns the same prefix tensor (its
+        # cache: frozen use); made with grad mode on, they hold this step's graph and live as long as the call.
+        grad = torch.is_grad_enabled()
+        key = (dtype, grad)
         views = call.views.get(key)
         if views is None:
             prefix = self.prefix(dtype)
-            kept = self._views.get(dtype)
-            if kept is not None and kept[0] is prefix and not prefix.requires_grad:
+            kept = None if grad else self._views.get(dtype)
+            if kept is not None and kept[0] is prefix:
                 views = kept[1]
             else:
                 views = [tuple(layer.unbind(0)) for layer in prefix.unbind(0)]
-                if prefix.requires_grad:  # (not kept past its forward: it holds the step's graph)
-                    self._views.pop(dtype, None)
-                else:
+                if not grad:
                     self._views[dtype] = (prefix, views)
             call.views[key] = views
         return views
