@@ -398,8 +398,8 @@ class PrefixState:
         """Every layer's ``(prefix_k, prefix_v)`` views of :meth:`prefix` (a bank's ``[N, Hkv, Pmax, D]`` each),
         made once per forward, or once for as long as the encoder serves the same frozen prefix (decode steps)."""
         # Views made with grad mode off carry no graph: a layer that reentrant checkpointing recomputes with grad
-        # mode on gets views of its own, through which the gradient reaches the prefix.
-        # Made with grad mode off, they are kept for as long as the encoder returns the same prefix tensor (its
+        # mode on gets views of its own, through which the gradient reaches the prefix. Made with grad mode off,
+        # they are kept for as long as the encoder returns the same prefix tensor (its
         # cache: frozen use); made with grad mode on, they hold this step's graph and live as long as the call.
         grad = torch.is_grad_enabled()
         key = (dtype, grad)

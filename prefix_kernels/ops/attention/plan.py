@@ -4,9 +4,9 @@ A decode loop calls the op once per layer per token, and from one token to the n
 length alone. :func:`plan_prefix_attention` runs the full checks and the backend choice for such a call once and
 returns a :class:`PrefixAttentionPlan`; :meth:`PrefixAttentionPlan.run` serves a later call that matches it through
 the chosen backend's output-only entry directly (or the call the backend's ``specialize`` made for such calls: the
-torch backend decides a decode step where every key is visible once), and returns None for one that does not (the caller then sends
-it through :func:`~prefix_kernels.ops.attention.prefix_attention`, and may plan again). FlashInfer's decode wrappers
-split plan and run the same way; here every run checks that the plan still holds.
+torch backend decides a decode step where every key is visible once), and returns None for one that does not (the
+caller then sends it through :func:`~prefix_kernels.ops.attention.prefix_attention`, and may plan again).
+FlashInfer's decode wrappers split plan and run the same way; here every run checks that the plan still holds.
 
 A call matches when it has the plan's sizes (the key length aside), dtypes and devices, the same flags, scale,
 backend name and scalar options, tensor options of the same shapes, dtypes and devices (only options whose checks
