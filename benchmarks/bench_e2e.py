@@ -407,8 +407,12 @@ class Bench:
             with backends_used() as seen:
                 check(model.generate(**prompt, **options))
             fns = {"prefix_kernels": lambda: model.generate(**prompt, **options), "no prefix": without_prefix}
+            in_cache = not handle.state.generate_reasons  # (on a CPU: the prefix held in the KV cache)
             with handle.disabled():
-                attention = {"prefix_kernels": "+".join(sorted(seen)), "no prefix": model.config._attn_implementation}
+                previous = model.config._attn_implementation
+            ours = f"{previous}, prefix in the cache" if in_cache else ""
+            attention = {"prefix_kernels": "+".join(sorted(seen | ({ours} if ours else set()))),
+                         "no prefix": previous}
             prefix = handle.prefix().detach()
             state = {k: v.detach().clone() for k, v in handle.prefix_encoder.state_dict().items()}
             try:

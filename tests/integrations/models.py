@@ -36,8 +36,8 @@ def _config(family: str, **overrides):
         return t.LlamaConfig(**COMMON, num_key_value_heads=2, **overrides)
     if family == "qwen2":
         # the second layer slides (with a window too wide to cut anything: tests/…/test_hf_parity has the window test)
-        return t.Qwen2Config(**COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=64,
-                             max_window_layers=1, **overrides)
+        return t.Qwen2Config(**COMMON, num_key_value_heads=2, sliding_window=64,
+                             **{"use_sliding_window": True, "max_window_layers": 1, **overrides})
     if family == "qwen3":
         return t.Qwen3Config(**COMMON, num_key_value_heads=1, head_dim=32, **overrides)  # head_dim != 64 / 4
     if family == "mistral":

@@ -355,7 +355,7 @@ class PrefixHandle:
                 patches.add_hook(model, where, self.state.end_forward, pre=False, always_call=True)
         patches.set_attr(model, "", "create_masks_for_generate", _masks_from_forward)
         if hasattr(type(model), "generate") and hasattr(type(model), "_expand_inputs_for_generation"):
-            patches.set_attr(model, "", "generate", Generate(model, self.state))
+            patches.set_attr(model, "", "generate", Generate(model, self.state, family))
             patches.set_attr(model, "", "_expand_inputs_for_generation", ExpandInputs(model, self.state))
         install_checkpointing(self)  # save_pretrained, print_trainable_parameters on the instance
 

@@ -7,8 +7,9 @@ prefix slot and calls :func:`prefix_kernels.prefix_attention` with the prefix as
 values: nothing is concatenated, nothing enters the cache.
 
 A module whose slot is a :class:`~.state.DelegateSlot` (a cross-attention the prefix does not cover), or any
-module while the handle is disabled, is served by the implementation named on its slot (the one that served it
-before), with the mask that implementation expects.
+module while the handle is disabled or the forward's KV cache holds the prefix (:mod:`.cached_generate`), is
+served by the implementation named on its slot (the one that served it before), with the mask that
+implementation expects.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         raise RuntimeError(f"attention implementation {IMPLEMENTATION!r} was called for a {type(module).__name__} "
                            "that prefix tuning did not set up (set config._attn_implementation back to what it was, "
                            "or apply_prefix_tuning to the model)")
-    if slot.state is None or not slot.state.enabled:
+    if slot.state is None or not slot.state.enabled or slot.state.prefix_in_cache():
         return _delegate(module, slot.previous, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                          sliding_window=sliding_window, softcap=softcap, **kwargs)
     dtype = compute_dtype(query, key, value)

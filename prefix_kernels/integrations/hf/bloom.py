@@ -42,7 +42,9 @@ def bloom_attention_forward(self, hidden_states, residual, alibi, attention_mask
                             output_attentions=False, **kwargs):
     """Drop-in for ``BloomAttention.forward`` (same arguments and returns), bound to one module instance."""
     slot = getattr(self, SLOT_ATTR)
-    if not slot.state.enabled:
+    if not slot.state.enabled or slot.state.prefix_in_cache():
+        if isinstance(attention_mask, PrefixMask):  # (the prefix in the cache: the mask Bloom itself would get)
+            attention_mask = attention_mask.for_implementation(slot.previous)
         return type(self).forward(self, hidden_states, residual, alibi, attention_mask, layer_past=layer_past,
                                   use_cache=use_cache, output_attentions=output_attentions, **kwargs)
     batch, length, _ = hidden_states.shape

@@ -7,11 +7,16 @@ and no other.
 records the ``expand_size`` of that call, which :meth:`~.state.PrefixState.begin_forward` then applies to the
 selection. Both call the class's own method; they are plain objects (no closures), so the model deep-copies and
 pickles with them, and ``remove()`` deletes them, uncovering the class's methods again.
+
+On a CPU, :class:`Generate` hands a plain decoder-only call the prefix in its KV cache instead
+(:mod:`.cached_generate`).
 """
 
 from __future__ import annotations
 
 import inspect
+
+from . import cached_generate
 
 
 def class_method(model, name: str):
@@ -20,19 +25,27 @@ def class_method(model, name: str):
 
 
 class Generate:
-    """``model.generate``: the class's generate, inside ``state.generating()``."""
+    """``model.generate``: the class's generate, inside ``state.generating()`` (and, when
+    :func:`.cached_generate.prepare` takes the call, with the prefix in the cache)."""
 
-    def __init__(self, model, state):
+    def __init__(self, model, state, family=None):
         self.model = model
         self.state = state
+        self.family = family
 
     @property
     def __wrapped__(self):  # inspect.signature and help() show the class's generate
         return class_method(self.model, "generate")
 
     def __call__(self, *args, **kwargs):
+        generate = class_method(self.model, "generate")
+        family = getattr(self, "family", None)  # (None: pickled before the cache path existed)
+        cached = None if family is None else cached_generate.prepare(self.model, self.state, family, args, kwargs)
         with self.state.generating():
-            return class_method(self.model, "generate")(*args, **kwargs)
+            if cached is None:
+                return generate(*args, **kwargs)
+            with self.state.prefix_held_in_cache():
+                return generate(**cached)
 
 
 class ExpandInputs:

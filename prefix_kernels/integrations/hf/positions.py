@@ -56,7 +56,7 @@ class ShiftPositions:
         return torch.add(positions, positions >= self.first, alpha=offset)  # (two ops: once per forward)
 
     def __call__(self, module, args, kwargs):
-        if not self.state.enabled:
+        if not self.state.enabled or self.state.prefix_in_cache():  # (transformers counts a cached prefix)
             return None
         if kwargs.get(self.keyword) is not None:
             kwargs = {**kwargs, self.keyword: self._shift(kwargs[self.keyword])}

@@ -76,7 +76,7 @@ class Call:
         self.views: dict = {}  # (dtype, grad mode) -> every layer's (prefix_k, prefix_v) views
 
 
-_PER_PROCESS = ("_local", "_lock", "_active", "_last_call", "_views")
+_PER_PROCESS = ("_local", "_lock", "_active", "_last_call", "_views", "generate_reasons")
 
 
 class PrefixState:
@@ -100,6 +100,7 @@ class PrefixState:
         self._active: set = set()  # the calls in flight
         self._last_call: Call | None = None
         self._views: dict = {}  # dtype -> (a prefix no gradient flows to, its layers' views): kept across forwards
+        self.generate_reasons: list[str] = []  # why the last generate() kept the prefix out of the cache
 
     def __getstate__(self):
         # per-process, per-thread state (and this forward's tensors) is neither copied nor pickled
@@ -200,6 +201,21 @@ class PrefixState:
                 self._local.__dict__.pop("expansion", None)
             else:
                 self._local.expansion = previous
+
+    @contextlib.contextmanager
+    def prefix_held_in_cache(self):
+        """Around a ``generate()`` whose KV cache holds the prefix (:mod:`.cached_generate`), on this thread: its
+        forwards run the model's previous attention, masks and positions, and compute no prefix."""
+        previous = getattr(self._local, "in_cache", False)
+        self._local.in_cache = True
+        try:
+            yield
+        finally:
+            self._local.in_cache = previous
+
+    def prefix_in_cache(self) -> bool:
+        """Whether this thread's forwards find the prefix in their KV cache (see :meth:`prefix_held_in_cache`)."""
+        return getattr(self._local, "in_cache", False)
 
     def record_expansion(self, expand_size) -> None:
         """``generate()`` repeats each row ``expand_size`` times (beams, sequences per prompt)."""
@@ -344,7 +360,7 @@ class PrefixState:
             if open_call is not None and open_call.depth > 0:
                 open_call.depth += 1
                 return
-        call = Call(self.enabled)
+        call = Call(self.enabled and not self.prefix_in_cache())
         call.expects = expects
         if not torch.compiler.is_compiling():
             with self._lock:
