@@ -623,20 +623,27 @@ def infer(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features
             and (prefix_k is None or prefix_k.dim() == 3)):
         key_padding_mask = _without_full_mask(key_padding_mask)
         if key_padding_mask is None and not (prefix_k is not None and _decode_serves(q, k, prefix_k, features)):
-            return _sdpa_step(q, k, v, prefix_k, prefix_v, scale)
+            return _sdpa_step(q, k, v, *_broadcast(prefix_k, prefix_v, q.shape[0]), scale)
     return forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, False, features)[0]
 
 
 def _sdpa_step(q, k, v, prefix_k, prefix_v, scale):
-    """out ``[B, Hq, Lq, D]`` (laid out like q) of a call where every query sees every key: one SDPA over the
-    prefix ``[Hkv, P, D]`` (or None) broadcast into ``[prefix ; cache]``, GQA native, no mask."""
+    """out ``[B, Hq, Lq, D]`` (laid out like q) of a call where every query sees every key: one SDPA over
+    ``[prefix ; cache]``, GQA native, no mask. ``prefix_k``, ``prefix_v``: ``[B, Hkv, P, D]`` (the shared prefix
+    broadcast over the batch), or None."""
     if prefix_k is not None:
-        B = q.shape[0]
-        k = torch.cat([prefix_k.expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(B, -1, -1, -1), v], dim=2)
+        k = torch.cat([prefix_k, k], dim=2)
+        v = torch.cat([prefix_v, v], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     out, _ = _propagate_nan_queries(q, out, None)
     return out if _same_layout(out, q) else _into(out, q)
+
+
+def _broadcast(prefix_k, prefix_v, batch: int):
+    """The shared prefix ``[Hkv, P, D]`` as ``[B, Hkv, P, D]`` views (None stays None)."""
+    if prefix_k is None:
+        return None, None
+    return prefix_k.expand(batch, -1, -1, -1), prefix_v.expand(batch, -1, -1, -1)
 
 
 class _DecodeStep:
@@ -652,25 +659,13 @@ class _DecodeStep:
         self._source = self._expanded = None
 
     def __call__(self, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, features):
-        if prefix_k is None:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        elif self.merge and k.numel() >= DECODE_MIN_CACHE:
+        if prefix_k is not None and self.merge and k.numel() >= DECODE_MIN_CACHE:
             return _decode(q, k, v, prefix_k, prefix_v, None, causal, scale, features)
-        else:
-            B = q.shape[0]
-            source = self._source
-            if source is not None and source[0] is prefix_k and source[1] is prefix_v and source[2] == B:
-                expanded_k, expanded_v = self._expanded
-            else:
-                expanded_k, expanded_v = prefix_k.expand(B, -1, -1, -1), prefix_v.expand(B, -1, -1, -1)
-                self._source, self._expanded = (prefix_k, prefix_v, B), (expanded_k, expanded_v)
-            k = torch.cat([expanded_k, k], dim=2)
-            v = torch.cat([expanded_v, v], dim=2)
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        if not math.isnan(q.sum().item()):  # (_propagate_nan_queries, on the CPU)
-            return out if _same_layout(out, q) else _into(out, q)
-        out, _ = _propagate_nan_queries(q, out, None)
-        return out if _same_layout(out, q) else _into(out, q)
+        B = q.shape[0]
+        source = self._source
+        if source is None or source[0] is not prefix_k or source[1] is not prefix_v or source[2] != B:
+            self._source, self._expanded = (prefix_k, prefix_v, B), _broadcast(prefix_k, prefix_v, B)
+        return _sdpa_step(q, k, v, *self._expanded, scale)
 
 
 def specialize(q, k, prefix_k, key_padding_mask, causal, features=NO_FEATURES):
